@@ -1,0 +1,363 @@
+"""`AccumulatingModel`: a `keras.Model` whose `fit` accumulates gradients exactly."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from accumulate.accumulator import GradientAccumulator
+
+EPOCH = "epoch"
+_STATE_KEY = "accumulation_state_"
+
+
+def validate_accumulation_steps(accumulation_steps: Any) -> int | str:
+    """Returns ``accumulation_steps`` normalised, or raises a `ValueError`."""
+    if isinstance(accumulation_steps, str) and accumulation_steps == EPOCH:
+        return EPOCH
+    if (
+        isinstance(accumulation_steps, numbers.Integral)
+        and not isinstance(accumulation_steps, bool)
+        and accumulation_steps >= 1
+    ):
+        return int(accumulation_steps)
+    raise ValueError(
+        "`accumulation_steps` must be a positive integer N (apply the "
+        'accumulated gradient every N micro-batches) or the string "epoch" '
+        "(apply it once per epoch); received "
+        f"accumulation_steps={accumulation_steps!r} "
+        f"(type {type(accumulation_steps).__name__})."
+    )
+
+
+def _do_nothing() -> None:
+    return None
+
+
+def _batch_size(x: Any) -> tf.Tensor:
+    first_input = next(t for t in tf.nest.flatten(x) if t is not None)
+    return tf.shape(first_input)[0]
+
+
+@keras.saving.register_keras_serializable(package="accumulate")
+class AccumulatingModel(keras.Model):
+    """A `keras.Model` that applies one exact update per window of micro-batches.
+
+    Every batch that `fit` (or `train_on_batch`) feeds the model is a
+    micro-batch: its gradient is added, weighted by its number of samples, into
+    accumulators that live inside the compiled train function, and the
+    optimizer is applied to their mean once the window is complete. The
+    applied gradient is the gradient of the loss over every sample of the
+    window, as if they had been one batch: ragged batches, sample weights and
+    regularisation losses (``model.losses``) included.
+
+    Args:
+        accumulation_steps: a positive int N, to apply every N micro-batches,
+            or ``"epoch"``, to apply once per epoch from every batch of the
+            epoch (full-batch gradient descent through `fit`, whether the
+            dataset's length is known or not). ``1`` is a standard step.
+        flush_at_epoch_end: when a window is incomplete at the end of an epoch,
+            apply it then, weighted by the samples it holds (the default), or
+            carry it into the next epoch (``False``; not allowed with
+            ``"epoch"``). With ``False``, a partial window left when `fit`
+            returns stays in the accumulators: the next `fit` or
+            `train_on_batch` continues it, `apply_accumulated_gradients()`
+            applies it now, and `reset_accumulated_gradients()` drops it.
+        *args, **kwargs: as for `keras.Model` (functional ``inputs, outputs``
+            or nothing when subclassing).
+
+    What counts once per update: everything the optimizer does. Clipping
+    (``clipnorm``, ``global_clipnorm``), weight decay, EMA, Adam's bias
+    correction and learning-rate schedules see the accumulated gradient, and
+    ``optimizer.iterations`` counts applied updates, not micro-batches. The
+    loss and metrics that `fit` shows are per micro-batch, averaged over the
+    epoch, exactly as in plain Keras.
+
+    Layers that behave differently in training do so per micro-batch:
+    ``BatchNormalization`` normalises each micro-batch with its own statistics
+    and updates its moving averages once per micro-batch; ``Dropout`` draws a
+    fresh mask for each micro-batch. The result is exact with respect to the
+    per-micro-batch forward passes, which is what a big batch split in memory
+    would do too, except that batch statistics come from the micro-batch.
+
+    The accumulators are not weights (``model.weights`` and `get_weights` do
+    not contain them, so a standard twin can `set_weights` from this model),
+    but they are saved and restored with the model's state (``.keras`` files,
+    ``save_weights``, `keras.callbacks.BackupAndRestore`,
+    ``tf.train.Checkpoint``), so a run restored mid-window continues exactly.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> inputs = keras.Input((4,))
+        >>> model = AccumulatingModel(inputs, keras.layers.Dense(1)(inputs),
+        ...                           accumulation_steps=4)
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> x, y = np.ones((64, 4)), np.zeros((64, 1))
+        >>> history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        >>> int(model.optimizer.iterations)  # 8 micro-batches, 2 updates
+        2
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        accumulation_steps: int | str = 1,
+        flush_at_epoch_end: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self._configure_accumulation(accumulation_steps, flush_at_epoch_end)
+        self._accumulation: GradientAccumulator | None = None
+        self._accumulated_variable_ids: list[int] = []
+        self._apply_function = None
+
+    def _configure_accumulation(
+        self, accumulation_steps: int | str, flush_at_epoch_end: bool
+    ) -> None:
+        accumulation_steps = validate_accumulation_steps(accumulation_steps)
+        if not isinstance(flush_at_epoch_end, bool):
+            raise ValueError(
+                "`flush_at_epoch_end` must be True or False; received "
+                f"flush_at_epoch_end={flush_at_epoch_end!r}."
+            )
+        if accumulation_steps == EPOCH and not flush_at_epoch_end:
+            raise ValueError(
+                'accumulation_steps="epoch" applies at the end of every epoch, '
+                "so it needs flush_at_epoch_end=True; received "
+                "flush_at_epoch_end=False."
+            )
+        self._accumulation_steps = accumulation_steps
+        self._flush_at_epoch_end = flush_at_epoch_end
+        self.train_function = None
+
+    @property
+    def accumulation_steps(self) -> int | str:
+        """Micro-batches per update (an int), or ``"epoch"``."""
+        return self._accumulation_steps
+
+    @property
+    def flush_at_epoch_end(self) -> bool:
+        """Whether an incomplete window is applied when an epoch ends."""
+        return self._flush_at_epoch_end
+
+    @property
+    def samples_accumulated(self) -> int:
+        """Samples in the current, not yet applied window (all replicas)."""
+        if self._accumulation is None:
+            return 0
+        return int(round(float(self._accumulation.samples.numpy())))
+
+    @property
+    def steps_accumulated(self) -> int:
+        """Micro-batches in the current, not yet applied window."""
+        if self._accumulation is None:
+            return 0
+        return int(self._accumulation.steps.numpy())
+
+    # -- Keras integration -------------------------------------------------
+
+    def compile(self, optimizer: Any = "rmsprop", *args: Any, **kwargs: Any) -> None:
+        optimizer = keras.optimizers.get(optimizer)
+        if getattr(optimizer, "gradient_accumulation_steps", None):
+            raise ValueError(
+                "The optimizer has Keras's own gradient accumulation enabled "
+                f"(gradient_accumulation_steps={optimizer.gradient_accumulation_steps})"
+                "; AccumulatingModel already accumulates, so the gradients "
+                "would be accumulated twice. Create the optimizer with "
+                "gradient_accumulation_steps=None and set "
+                "AccumulatingModel(accumulation_steps=...) instead."
+            )
+        super().compile(optimizer, *args, **kwargs)
+
+    def make_train_function(self, force: bool = False):
+        self._build_accumulation_state()
+        return super().make_train_function(force)
+
+    def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any):
+        if self._flush_at_epoch_end:
+            callbacks = _with_flush_callback(callbacks, self)
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            if self._call_has_training_arg:
+                y_pred = self(x, training=True)
+            else:
+                y_pred = self(x)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            replicas = self.distribute_strategy.num_replicas_in_sync
+            self._loss_tracker.update_state(
+                loss * replicas, sample_weight=_batch_size(x)
+            )
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        # Keras divides each replica's loss by the number of replicas; undo
+        # it so that every replica adds (samples x its own mean gradient).
+        weight = tf.cast(self.micro_batch_weight(x, y, y_pred, sample_weight), tf.float32)
+        self._accumulation.add(gradients, weight * replicas)
+        if self._accumulation_steps != EPOCH:
+            tf.cond(
+                self._accumulation.steps >= self._accumulation_steps,
+                self._apply_window,
+                _do_nothing,
+            )
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def micro_batch_weight(
+        self, x: Any, y: Any, y_pred: Any, sample_weight: Any
+    ) -> tf.Tensor:
+        """The weight of one micro-batch in its window: its number of samples.
+
+        This is the denominator Keras's default loss reduction
+        (``"sum_over_batch_size"``) divides by, which is what makes the
+        accumulated gradient equal the big batch's. A subclass whose loss
+        divides by something else (say, the number of unmasked tokens)
+        returns that instead.
+        """
+        del y, y_pred, sample_weight
+        return _batch_size(x)
+
+    # -- Applying and discarding windows -------------------------------------
+
+    def apply_accumulated_gradients(self) -> None:
+        """Applies the current window now, if it holds any micro-batch.
+
+        `fit` calls this at the end of each epoch unless
+        ``flush_at_epoch_end=False``; call it yourself after `train_on_batch`
+        in ``"epoch"`` mode, or to apply a carried-over partial window.
+        """
+        self._build_accumulation_state()
+        if self._apply_function is None:
+
+            def apply_if_not_empty():
+                tf.cond(self._accumulation.steps > 0, self._apply_window, _do_nothing)
+
+            @tf.function
+            def apply_function():
+                self.distribute_strategy.run(apply_if_not_empty)
+
+            self._apply_function = apply_function
+        self._apply_function()
+
+    def reset_accumulated_gradients(self) -> None:
+        """Discards the current window without applying it."""
+        if self._accumulation is not None:
+            with self.distribute_strategy.scope():
+                self.distribute_strategy.run(self._accumulation.reset)
+
+    def _apply_window(self) -> None:
+        total_samples = self._accumulation.samples.read_value()
+        replica_context = tf.distribute.get_replica_context()
+        if self.distribute_strategy.num_replicas_in_sync > 1 and replica_context:
+            total_samples = replica_context.all_reduce(
+                tf.distribute.ReduceOp.SUM, total_samples
+            )
+        gradients = self._accumulation.mean_gradients(total_samples)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        self._accumulation.reset()
+
+    def _build_accumulation_state(self) -> None:
+        variable_ids = [id(variable) for variable in self.trainable_variables]
+        if self._accumulation is not None:
+            if variable_ids == self._accumulated_variable_ids:
+                return
+            if self.steps_accumulated:
+                raise ValueError(
+                    "The model's trainable variables changed while "
+                    f"{self.steps_accumulated} micro-batches were accumulated; "
+                    "apply them (apply_accumulated_gradients()) or discard "
+                    "them (reset_accumulated_gradients()) before changing "
+                    "which layers are trainable."
+                )
+            self.train_function = None
+            self._apply_function = None
+        with self.distribute_strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+            self._accumulation = GradientAccumulator(self.trainable_variables)
+        self._accumulated_variable_ids = variable_ids
+
+    # -- Serialisation -----------------------------------------------------
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["accumulation_steps"] = self._accumulation_steps
+        config["flush_at_epoch_end"] = self._flush_at_epoch_end
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None):
+        config = dict(config)
+        options = {
+            "accumulation_steps": config.pop("accumulation_steps", 1),
+            "flush_at_epoch_end": config.pop("flush_at_epoch_end", True),
+        }
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._configure_accumulation(**options)
+        return model
+
+    def save_own_variables(self, store: Any) -> None:
+        super().save_own_variables(store)
+        if self._accumulation is not None:
+            for index, variable in enumerate(self._accumulation.variables_to_save):
+                store[f"{_STATE_KEY}{index}"] = variable.numpy()
+
+    def load_own_variables(self, store: Any) -> None:
+        state_keys = [key for key in store.keys() if key.startswith(_STATE_KEY)]
+        own_variables = {
+            key: store[key] for key in store.keys() if not key.startswith(_STATE_KEY)
+        }
+        super().load_own_variables(own_variables)
+        if not state_keys:
+            return
+        self._build_accumulation_state()
+        saved = self._accumulation.variables_to_save
+        if len(state_keys) != len(saved):
+            raise ValueError(
+                f"The saved accumulation state has {len(state_keys)} variables "
+                f"but this model accumulates {len(saved)}; was it saved from a "
+                "model with other trainable variables?"
+            )
+        for index, variable in enumerate(saved):
+            _assign_total(variable, store[f"{_STATE_KEY}{index}"], self.distribute_strategy)
+
+
+def _assign_total(variable: tf.Variable, value: Any, strategy: tf.distribute.Strategy) -> None:
+    """Restores a per-replica SUM variable so that its replicas add up to value."""
+    if variable.aggregation == tf.VariableAggregation.SUM:
+        share = value / strategy.num_replicas_in_sync
+        strategy.run(lambda: variable.assign(tf.cast(share, variable.dtype)))
+    else:
+        strategy.run(lambda: variable.assign(tf.cast(value, variable.dtype)))
+
+
+class _FlushAtEpochEnd(keras.callbacks.Callback):
+    """Applies an incomplete window before validation and epoch-end callbacks."""
+
+    def __init__(self, model: AccumulatingModel):
+        super().__init__()
+        self._accumulating_model = model
+
+    def on_test_begin(self, logs: Any = None) -> None:
+        # Only reached from fit's validation: this callback is fit's own.
+        self._accumulating_model.apply_accumulated_gradients()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self._accumulating_model.apply_accumulated_gradients()
+
+
+def _with_flush_callback(callbacks: Any, model: AccumulatingModel) -> Any:
+    flush = _FlushAtEpochEnd(model)
+    if callbacks is None:
+        return [flush]
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.callbacks.insert(0, flush)
+        flush.set_model(model)
+        return callbacks
+    return [flush, *callbacks]
