@@ -107,23 +107,35 @@ class GradientAccumulator(tf.Module):
         self.samples.assign_add(weight)
         self.steps.assign_add(1)
 
-    def mean_gradients(self, total_samples: tf.Tensor | None = None) -> list[tf.Tensor | None]:
+    def gradient_sum_values(self) -> list[tf.Tensor | None]:
+        """This replica's weighted sums, ``None`` for variables without gradient."""
+        connected = self.connected or [True] * len(self.gradient_sums)
+        return [
+            gradient_sum.read_value() if is_connected else None
+            for gradient_sum, is_connected in zip(self.gradient_sums, connected, strict=True)
+        ]
+
+    def mean_gradients(
+        self,
+        total_samples: tf.Tensor | None = None,
+        gradient_sums: Sequence[tf.Tensor | None] | None = None,
+    ) -> list[tf.Tensor | None]:
         """The window's gradient: the weighted sums divided by the total weight.
 
-        ``total_samples`` defaults to this replica's count; a distributed
-        caller passes the count summed over replicas.
+        ``total_samples`` and ``gradient_sums`` default to this replica's
+        count and sums (`gradient_sum_values`); a distributed caller passes
+        them summed over replicas.
         """
         if total_samples is None:
             total_samples = self.samples.read_value()
-        connected = self.connected or [True] * len(self.gradient_sums)
+        if gradient_sums is None:
+            gradient_sums = self.gradient_sum_values()
         means = []
-        for gradient_sum, dtype, is_connected in zip(
-            self.gradient_sums, self.variable_dtypes, connected, strict=True
-        ):
-            if not is_connected:
+        for gradient_sum, dtype in zip(gradient_sums, self.variable_dtypes, strict=True):
+            if gradient_sum is None:
                 means.append(None)
                 continue
-            mean = gradient_sum.read_value() / tf.cast(total_samples, gradient_sum.dtype)
+            mean = gradient_sum / tf.cast(total_samples, gradient_sum.dtype)
             means.append(tf.cast(mean, dtype))
         return means
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
 import keras
 import tensorflow as tf
+from keras.src.models.functional import Functional
 
 from accumulate.accumulator import GradientAccumulator
 
@@ -42,7 +44,14 @@ def _batch_size(x: Any) -> tf.Tensor:
     return tf.shape(first_input)[0]
 
 
-@keras.saving.register_keras_serializable(package="accumulate")
+def _is_functional_call(args: tuple, kwargs: dict) -> bool:
+    return (
+        len(args) == 2
+        or (len(args) == 1 and "outputs" in kwargs)
+        or ("inputs" in kwargs and "outputs" in kwargs)
+    )
+
+
 class AccumulatingModel(keras.Model):
     """A `keras.Model` that applies one exact update per window of micro-batches.
 
@@ -100,6 +109,22 @@ class AccumulatingModel(keras.Model):
         >>> int(model.optimizer.iterations)  # 8 micro-batches, 2 updates
         2
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if _is_functional_call(args, kwargs):
+            if cls is not AccumulatingModel and not issubclass(
+                cls, AccumulatingFunctional
+            ):
+                # Keras would make the class (and so AccumulatingModel itself)
+                # inherit from Functional, breaking every subclass after it.
+                raise TypeError(
+                    f"{cls.__name__} subclasses AccumulatingModel and was given "
+                    "inputs and outputs; subclasses define call() instead. To "
+                    "wrap a graph of layers use AccumulatingModel(inputs, "
+                    "outputs, ...)."
+                )
+            cls = AccumulatingFunctional
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(
         self,
@@ -161,10 +186,12 @@ class AccumulatingModel(keras.Model):
 
     def compile(self, optimizer: Any = "rmsprop", *args: Any, **kwargs: Any) -> None:
         optimizer = keras.optimizers.get(optimizer)
-        if getattr(optimizer, "gradient_accumulation_steps", None):
+        inner_optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        keras_steps = getattr(inner_optimizer, "gradient_accumulation_steps", None)
+        if keras_steps:
             raise ValueError(
                 "The optimizer has Keras's own gradient accumulation enabled "
-                f"(gradient_accumulation_steps={optimizer.gradient_accumulation_steps})"
+                f"(gradient_accumulation_steps={keras_steps})"
                 "; AccumulatingModel already accumulates, so the gradients "
                 "would be accumulated twice. Create the optimizer with "
                 "gradient_accumulation_steps=None and set "
@@ -172,8 +199,16 @@ class AccumulatingModel(keras.Model):
             )
         super().compile(optimizer, *args, **kwargs)
 
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        # Keras skips compiling on load when `compile` is overridden; ours
+        # only validates, so restore the compiled state as Keras would.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def make_train_function(self, force: bool = False):
-        self._build_accumulation_state()
+        if self.built:
+            self._build_accumulation_state()
         return super().make_train_function(force)
 
     def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any):
@@ -195,18 +230,19 @@ class AccumulatingModel(keras.Model):
             self._loss_tracker.update_state(
                 loss * replicas, sample_weight=_batch_size(x)
             )
-            scaled_loss = self.optimizer.scale_loss(loss)
+            # Keras divides each replica's loss by the number of replicas;
+            # undo it so that every replica adds (samples x its own mean
+            # gradient) and the window divides by the samples of all replicas.
+            scaled_loss = self.optimizer.scale_loss(loss * replicas)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
-        # Keras divides each replica's loss by the number of replicas; undo
-        # it so that every replica adds (samples x its own mean gradient).
+        # A model that Keras builds while tracing (no strategy, subclassed,
+        # unbuilt) has variables only now; create the state outside the graph.
+        with tf.init_scope():
+            self._build_accumulation_state()
         weight = tf.cast(self.micro_batch_weight(x, y, y_pred, sample_weight), tf.float32)
-        self._accumulation.add(gradients, weight * replicas)
+        self._accumulation.add(gradients, weight)
         if self._accumulation_steps != EPOCH:
-            tf.cond(
-                self._accumulation.steps >= self._accumulation_steps,
-                self._apply_window,
-                _do_nothing,
-            )
+            self._apply_window_if(self._accumulation.steps >= self._accumulation_steps)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def micro_batch_weight(
@@ -235,12 +271,18 @@ class AccumulatingModel(keras.Model):
         self._build_accumulation_state()
         if self._apply_function is None:
 
-            def apply_if_not_empty():
-                tf.cond(self._accumulation.steps > 0, self._apply_window, _do_nothing)
-
             @tf.function
             def apply_function():
-                self.distribute_strategy.run(apply_if_not_empty)
+                # Cross-replica context: the condition is read from the first
+                # replica (every replica ran the same micro-batches) and the
+                # branch may then synchronise the replicas.
+                strategy = self.distribute_strategy
+                with _gradients_already_reduced(self.optimizer, strategy):
+                    tf.cond(
+                        self._accumulation.steps > 0,
+                        lambda: strategy.run(self._apply_window),
+                        _do_nothing,
+                    )
 
             self._apply_function = apply_function
         self._apply_function()
@@ -251,16 +293,55 @@ class AccumulatingModel(keras.Model):
             with self.distribute_strategy.scope():
                 self.distribute_strategy.run(self._accumulation.reset)
 
+    def _apply_window_if(self, predicate: tf.Tensor) -> None:
+        """Applies the window when ``predicate`` holds (in a replica context).
+
+        Under a `tf.distribute` strategy a `tf.cond` whose branch synchronises
+        the replicas is not allowed in a replica context, so the condition is
+        moved to the cross-replica context, as Keras's LossScaleOptimizer does.
+        """
+        replica_context = tf.distribute.get_replica_context()
+        if not tf.distribute.has_strategy() or replica_context is None:
+            tf.cond(predicate, self._apply_window, _do_nothing)
+            return
+
+        def apply_in_cross_replica_context(strategy, predicate):
+            # Every replica ran the same micro-batches: take the first's.
+            predicate = strategy.experimental_local_results(predicate)[0]
+            with _gradients_already_reduced(self.optimizer, strategy):
+                tf.cond(
+                    predicate,
+                    lambda: strategy.extended.call_for_each_replica(self._apply_window),
+                    _do_nothing,
+                )
+
+        replica_context.merge_call(apply_in_cross_replica_context, args=(predicate,))
+
     def _apply_window(self) -> None:
-        total_samples = self._accumulation.samples.read_value()
+        accumulation = self._accumulation
+        gradient_sums = accumulation.gradient_sum_values()
+        total_samples = accumulation.samples.read_value()
         replica_context = tf.distribute.get_replica_context()
         if self.distribute_strategy.num_replicas_in_sync > 1 and replica_context:
-            total_samples = replica_context.all_reduce(
-                tf.distribute.ReduceOp.SUM, total_samples
-            )
-        gradients = self._accumulation.mean_gradients(total_samples)
+            # The window's only communication: one all-reduce of the sums
+            # and the sample count together. The optimizer is then kept from
+            # all-reducing the gradients again (`_gradients_already_reduced`).
+            if _optimizer_reduction_can_be_skipped(self.optimizer):
+                present = [g for g in gradient_sums if g is not None]
+                *reduced, total_samples = replica_context.all_reduce(
+                    tf.distribute.ReduceOp.SUM, [*present, total_samples]
+                )
+                reduced_iter = iter(reduced)
+                gradient_sums = [
+                    None if g is None else next(reduced_iter) for g in gradient_sums
+                ]
+            else:  # pragma: no cover - a Keras without the private hook
+                total_samples = replica_context.all_reduce(
+                    tf.distribute.ReduceOp.SUM, total_samples
+                )
+        gradients = accumulation.mean_gradients(total_samples, gradient_sums)
         self.optimizer.apply(gradients, self.trainable_variables)
-        self._accumulation.reset()
+        accumulation.reset()
 
     def _build_accumulation_state(self) -> None:
         variable_ids = [id(variable) for variable in self.trainable_variables]
@@ -326,6 +407,62 @@ class AccumulatingModel(keras.Model):
             )
         for index, variable in enumerate(saved):
             _assign_total(variable, store[f"{_STATE_KEY}{index}"], self.distribute_strategy)
+
+
+@keras.saving.register_keras_serializable(package="accumulate", name="AccumulatingModel")
+class AccumulatingFunctional(AccumulatingModel, Functional):
+    """`AccumulatingModel(inputs, outputs)`: a functional graph that accumulates.
+
+    A class of its own so that Keras never rewrites `AccumulatingModel`'s bases
+    (it injects `Functional` into a subclass built from inputs and outputs).
+    """
+
+
+def _optimizer_chain(optimizer: Any) -> list[Any]:
+    """The optimizer and the ones it wraps (a LossScaleOptimizer's inner one)."""
+    chain = []
+    while optimizer is not None:
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return chain
+
+
+def _optimizer_reduction_can_be_skipped(optimizer: Any) -> bool:
+    return all(
+        hasattr(type(member), "_all_reduce_sum_gradients")
+        for member in _optimizer_chain(optimizer)
+    )
+
+
+def _gradients_are_reduced(grads_and_vars: Any) -> list[Any]:
+    return list(grads_and_vars)
+
+
+@contextlib.contextmanager
+def _gradients_already_reduced(optimizer: Any, strategy: tf.distribute.Strategy):
+    """Stops Keras's TF optimizer from all-reducing the gradients in `apply`.
+
+    In a replica context ``optimizer.apply`` sums the gradients over replicas
+    (``TFOptimizer._all_reduce_sum_gradients``). `_apply_window` has already
+    summed them, together with the sample count, in a single all-reduce, so
+    the optimizer's own would be a second one (and would sum the sums). It
+    also means clipping, which Keras applies before its all-reduce, sees the
+    window's whole gradient, as on one device. Entered in the cross-replica
+    context, around every replica's `apply`.
+    """
+    members = _optimizer_chain(optimizer)
+    if strategy.num_replicas_in_sync <= 1 or not _optimizer_reduction_can_be_skipped(
+        optimizer
+    ):
+        yield
+        return
+    for member in members:
+        member._all_reduce_sum_gradients = _gradients_are_reduced
+    try:
+        yield
+    finally:
+        for member in members:
+            del member._all_reduce_sum_gradients
 
 
 def _assign_total(variable: tf.Variable, value: Any, strategy: tf.distribute.Strategy) -> None:

@@ -1,0 +1,94 @@
+"""Smoke tests of the benchmark scripts: they run, and write what they promise.
+
+Each script runs once, in ``--quick`` mode (a couple of thousand synthetic
+samples, one timed epoch, a few variants) in a subprocess, into a temporary
+directory. No timing is asserted: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+
+def _run(script: str, out: Path) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=REPO_ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, (
+        f"{script} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+    )
+    return completed
+
+
+@pytest.fixture(scope="module")
+def bench_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    _run("bench.py", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scaling_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("scaling")
+    _run("scaling.py", out)
+    return out
+
+
+def test_bench_writes_json_and_png(bench_output: Path) -> None:
+    report = json.loads((bench_output / "bench.json").read_text())
+    assert (bench_output / "bench.png").stat().st_size > 0
+    assert set(report) >= {"meta", "results", "ratios", "table"}
+    assert report["meta"]["quick"] is True
+    assert report["meta"]["threads"] == 1
+
+    families = {row["family"] for row in report["results"]}
+    assert families == {"keras-fit", "accumulating", "keras-ga", "floor", "notebook"}
+    for row in report["results"]:
+        assert len(row["epoch_seconds"]) == report["meta"]["timed_epochs"]
+        assert row["median_s"] > 0
+        assert row["samples_per_s"] > 0
+        assert row["peak_rss_mb"] > 0
+        assert row["ratio_to_fit"] is not None
+        assert row["ratio_to_floor"] is not None
+    keys = {row["key"] for row in report["results"]}
+    assert "fit [jit=off, spe=1]" in keys
+    assert "acc-epoch [jit=off, spe=1]" in keys
+    assert "notebook-accumulating [eager]" in keys
+    fit = next(row for row in report["results"] if row["key"] == "fit [jit=off, spe=1]")
+    assert fit["ratio_to_fit"] == pytest.approx(1.0)
+    assert report["ratios"]["per_settings"]["jit=off, spe=1"]["acc-epoch/fit"] > 0
+
+
+def test_scaling_writes_json_and_png(scaling_output: Path) -> None:
+    report = json.loads((scaling_output / "bench-scaling.json").read_text())
+    assert (scaling_output / "bench-scaling.png").stat().st_size > 0
+    assert set(report) >= {"meta", "steps_sweep", "width_sweep", "memory", "table"}
+
+    steps = report["steps_sweep"]
+    assert steps[0]["name"] == "fit" and steps[0]["accumulator_bytes"] is None
+    assert [row["accumulation_steps"] for row in steps[1:]] == [1, 2, "epoch"]
+    for row in steps[1:]:
+        # The accumulators are one float32 copy of the trainable weights.
+        assert row["accumulator_bytes"] == row["trainable_bytes"]
+    assert report["memory"]["state_bytes_independent_of_steps"] is True
+
+    for entry in report["width_sweep"]:
+        names = [row["name"] for row in entry["variants"]]
+        assert names == ["fit", "acc-epoch", "acc-8"]
+        assert entry["parameters"] * 4 == entry["variants"][0]["trainable_bytes"]
