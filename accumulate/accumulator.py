@@ -93,7 +93,9 @@ class GradientAccumulator(tf.Module):
         # optimizer leaves them alone, as in a standard step.
         self.connected: list[bool] | None = None
 
-    def add(self, gradients: Sequence[tf.Tensor | None], weight: tf.Tensor | float) -> None:
+    def add(
+        self, gradients: Sequence[tf.Tensor | None], weight: tf.Tensor | float
+    ) -> None:
         """Adds ``weight * gradient`` for each variable and counts the samples."""
         self.connected = [gradient is not None for gradient in gradients]
         weight = tf.cast(weight, tf.float32)
@@ -102,7 +104,8 @@ class GradientAccumulator(tf.Module):
                 continue
             gradient = tf.convert_to_tensor(gradient)  # densifies IndexedSlices
             gradient_sum.assign_add(
-                tf.cast(gradient, gradient_sum.dtype) * tf.cast(weight, gradient_sum.dtype)
+                tf.cast(gradient, gradient_sum.dtype)
+                * tf.cast(weight, gradient_sum.dtype)
             )
         self.samples.assign_add(weight)
         self.steps.assign_add(1)
@@ -112,7 +115,9 @@ class GradientAccumulator(tf.Module):
         connected = self.connected or [True] * len(self.gradient_sums)
         return [
             gradient_sum.read_value() if is_connected else None
-            for gradient_sum, is_connected in zip(self.gradient_sums, connected, strict=True)
+            for gradient_sum, is_connected in zip(
+                self.gradient_sums, connected, strict=True
+            )
         ]
 
     def mean_gradients(
@@ -131,7 +136,9 @@ class GradientAccumulator(tf.Module):
         if gradient_sums is None:
             gradient_sums = self.gradient_sum_values()
         means = []
-        for gradient_sum, dtype in zip(gradient_sums, self.variable_dtypes, strict=True):
+        for gradient_sum, dtype in zip(
+            gradient_sums, self.variable_dtypes, strict=True
+        ):
             if gradient_sum is None:
                 means.append(None)
                 continue

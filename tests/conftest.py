@@ -2,7 +2,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
 # Each example builds and traces real Keras models: slow by hypothesis's
 # standards, so no deadline, and a budget that keeps `make test` short.

@@ -7,6 +7,7 @@ Keras itself, never a re-implementation of the accumulation formula.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import keras
@@ -41,7 +42,9 @@ def small_build(regularized: bool = True):
     return build
 
 
-def compiled_twins(optimizer="sgd", accumulation_steps=1, seed=0, compile_kwargs=None, **kwargs):
+def compiled_twins(
+    optimizer="sgd", accumulation_steps=1, seed=0, compile_kwargs=None, **kwargs
+):
     make_optimizer = OPTIMIZERS[optimizer] if isinstance(optimizer, str) else optimizer
     standard, accumulating = make_twins(
         seed, accumulation_steps, build=small_build(), **kwargs
@@ -73,7 +76,7 @@ def assert_same_weights(first: keras.Model, second: keras.Model, tolerance=2e-6)
 
 def split(sizes):
     bounds = np.cumsum([0, *sizes])
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return list(itertools.pairwise(bounds))
 
 
 # -- The exactness property ------------------------------------------------
@@ -117,10 +120,14 @@ def test_fit_windows_with_ragged_batches_and_sample_weights(optimizer):
     # epoch holds two windows of 12 and 10 samples, the second one ragged.
     standard, accumulating = compiled_twins(optimizer, accumulation_steps=3)
     x, y, weights = data(22, seed=3)
-    accumulating.fit(x, y, sample_weight=weights, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    accumulating.fit(
+        x, y, sample_weight=weights, batch_size=4, epochs=2, shuffle=False, verbose=0
+    )
     for _ in range(2):
         for start, stop in [(0, 12), (12, 22)]:
-            standard.train_on_batch(x[start:stop], y[start:stop], sample_weight=weights[start:stop])
+            standard.train_on_batch(
+                x[start:stop], y[start:stop], sample_weight=weights[start:stop]
+            )
     assert int(accumulating.optimizer.iterations) == 4
     assert_same_weights(standard, accumulating)
 
@@ -241,11 +248,17 @@ OPTIMIZER_FEATURES = {
 
 @pytest.mark.parametrize("feature", sorted(OPTIMIZER_FEATURES))
 def test_optimizer_features_count_updates_not_micro_batches(feature):
-    standard, accumulating = compiled_twins(OPTIMIZER_FEATURES[feature], accumulation_steps=4)
+    standard, accumulating = compiled_twins(
+        OPTIMIZER_FEATURES[feature], accumulation_steps=4
+    )
     x, y, _ = data(24, seed=9)
     accumulating.fit(x, y, batch_size=3, epochs=2, shuffle=False, verbose=0)
     standard.fit(x, y, batch_size=12, epochs=2, shuffle=False, verbose=0)
-    assert int(accumulating.optimizer.iterations) == 4 == int(standard.optimizer.iterations)
+    assert (
+        int(accumulating.optimizer.iterations)
+        == 4
+        == int(standard.optimizer.iterations)
+    )
     assert_same_weights(standard, accumulating)
 
 
@@ -253,7 +266,8 @@ def test_optimizer_with_keras_gradient_accumulation_is_refused():
     _, accumulating = make_twins(0, 4, build=small_build())
     with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
         accumulating.compile(
-            optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), loss=LOSS
+            optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2),
+            loss=LOSS,
         )
 
 
@@ -269,10 +283,14 @@ def test_jit_compile_and_steps_per_execution(jit_compile, steps_per_execution):
         "sgd_momentum", accumulation_steps=3, compile_kwargs=settings
     )
     x, y, weights = data(26, seed=10)  # 7 micro-batches of 4: windows 3, 3, 1 (ragged)
-    accumulating.fit(x, y, sample_weight=weights, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    accumulating.fit(
+        x, y, sample_weight=weights, batch_size=4, epochs=2, shuffle=False, verbose=0
+    )
     for _ in range(2):
         for start, stop in [(0, 12), (12, 24), (24, 26)]:
-            standard.train_on_batch(x[start:stop], y[start:stop], sample_weight=weights[start:stop])
+            standard.train_on_batch(
+                x[start:stop], y[start:stop], sample_weight=weights[start:stop]
+            )
     assert int(accumulating.optimizer.iterations) == 6
     assert_same_weights(standard, accumulating)
 
@@ -365,7 +383,12 @@ def test_twins_are_identical_reproducible_and_interchangeable():
     other_seed, _ = make_twins(seed=43)
     assert standard.count_params() == accumulating.count_params() == 111_146
     assert type(standard) is keras.Model or not isinstance(standard, AccumulatingModel)
-    for a, b, c in zip(standard.get_weights(), accumulating.get_weights(), again.get_weights(), strict=True):
+    for a, b, c in zip(
+        standard.get_weights(),
+        accumulating.get_weights(),
+        again.get_weights(),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
     assert max_difference(standard, other_seed) > 0.0
@@ -382,7 +405,12 @@ def test_build_mlp_is_the_papers_model():
     model = build_mlp()
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     assert [layer.units for layer in dense] == [128, 64, 32, 10]
-    assert [layer.activation.__name__ for layer in dense] == ["tanh", "tanh", "tanh", "linear"]
+    assert [layer.activation.__name__ for layer in dense] == [
+        "tanh",
+        "tanh",
+        "tanh",
+        "linear",
+    ]
     assert model.input_shape == (None, 28, 28)
 
 
@@ -408,7 +436,9 @@ def test_invalid_accumulation_steps(value):
 
 def test_epoch_mode_needs_the_epoch_end_flush():
     with pytest.raises(ValueError, match="flush_at_epoch_end=False"):
-        AccumulatingModel(*_graph(), accumulation_steps="epoch", flush_at_epoch_end=False)
+        AccumulatingModel(
+            *_graph(), accumulation_steps="epoch", flush_at_epoch_end=False
+        )
 
 
 def test_numpy_integers_are_accepted():
@@ -444,7 +474,9 @@ def test_batch_normalization_and_dropout_still_train():
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Activation("relu")(x)
     x = keras.layers.Dropout(0.2)(x)
-    model = AccumulatingModel(inputs, keras.layers.Dense(CLASSES)(x), accumulation_steps=4)
+    model = AccumulatingModel(
+        inputs, keras.layers.Dense(CLASSES)(x), accumulation_steps=4
+    )
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss=LOSS)
     keras.utils.set_random_seed(0)
     x_train, y_train, _ = data(256, seed=16)
