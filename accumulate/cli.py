@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="(default: %(default)s)",
     )
     reproduce.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=_DEFAULTS.batch_size,
+        help="(default: %(default)s, the notebook's)",
+    )
+    reproduce.add_argument(
         "--data-dir",
         type=_existing_directory,
         default=None,
@@ -176,6 +182,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             seed=seed,
             optimizer=args.optimizer,
             learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
             data_dir=args.data_dir,
         )
         for dataset in datasets
@@ -259,12 +266,14 @@ def _print_summary(records: Sequence[RunRecord], reports: Sequence[Path]) -> Non
     for row in [header, *rows]:
         cells = zip(row, widths, strict=True)
         print("  ".join(cell.ljust(width) for cell, width in cells).rstrip())
-    print("\nResults:")
-    for record in records:
-        if record.status != "failed":
-            print(f"  {record.path}")
-    print("Reports:")
-    for path in reports:
-        if path.name == "report.md":
-            print(f"  {path}  (figures and classification reports alongside)")
+    result_paths = [str(r.path) for r in records if r.status != "failed"]
+    report_paths = [
+        f"{path}  (figures and classification reports alongside)"
+        for path in reports
+        if path.name == "report.md"
+    ]
+    for title, paths in (("Results", result_paths), ("Reports", report_paths)):
+        print(f"\n{title}:" if title == "Results" else f"{title}:")
+        for path in paths or ["(none)"]:
+            print(f"  {path}")
     sys.stdout.flush()

@@ -1,7 +1,4 @@
-"""`ExperimentConfig`: what one reproduction run trains, and how.
-
-Kept free of TensorFlow so that naming and matching result files is cheap.
-"""
+"""`ExperimentConfig`: what one reproduction run trains, and how."""
 
 from __future__ import annotations
 
@@ -9,9 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from accumulate.reference import DATASETS
+
 __all__ = ["DATASETS", "OPTIMIZERS", "ExperimentConfig"]
 
-DATASETS = ("mnist", "fashion_mnist")
 OPTIMIZERS = ("sgd", "adam")
 
 # The fields that decide the numbers a run produces; `data_dir` only says

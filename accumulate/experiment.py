@@ -10,12 +10,12 @@ Result layout (see `run_experiment`)::
 
     {"config": {...ExperimentConfig fields, "versions": ..., "machine": ...},
      "data": {"train_samples", "test_samples", "batches_per_epoch",
-              "test_labels": [...]},
+              "source": where the data was read, "test_labels": [...]},
      "standard": {"train_loss": [...], "train_accuracy": [...],
                   "val_loss": [...], "val_accuracy": [...], "updates": int,
                   "cumulative_updates": [...], "seconds": float,
                   "epoch_seconds": [...], "initial_weights_sha256": str,
-                  "test_predictions": [...]},
+                  "jit_compile": bool, "test_predictions": [...]},
      "accumulating": {...same keys}}
 
 Test-set predictions are stored in the JSON (predicted class per test image,
@@ -42,7 +42,9 @@ import tensorflow as tf
 
 import accumulate
 from accumulate.config import ExperimentConfig
+from accumulate.datasets import ENV_VAR
 from accumulate.progress import EpochEnd, ProgressSink
+from accumulate.reference import MODELS
 from accumulate.results import load_result, result_config, result_path, save_result
 from accumulate.training import JIT_COMPILE, prepare_data, train_twin
 from accumulate.twins import make_twins
@@ -55,8 +57,6 @@ __all__ = [
     "run_all",
     "run_experiment",
 ]
-
-MODELS = ("standard", "accumulating")
 
 
 def run_experiment(
@@ -77,6 +77,7 @@ def run_experiment(
             "train_samples": data.train_samples,
             "test_samples": len(data.test_labels),
             "batches_per_epoch": data.batches_per_epoch,
+            "source": _data_source(config),
             "test_labels": data.test_labels.tolist(),
         },
     }
@@ -86,6 +87,11 @@ def run_experiment(
             twins[name], name, data, config, epochs_after, progress
         )
     return result
+
+
+def _data_source(config: ExperimentConfig) -> str:
+    # The same order `load_dataset` tries them in.
+    return config.data_dir or os.environ.get(ENV_VAR) or "keras.datasets"
 
 
 def _environment() -> dict[str, Any]:

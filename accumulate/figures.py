@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from accumulate.reference import MODELS
+
 __all__ = ["plot_confusion", "plot_curves", "plot_updates"]
 
-MODELS = ("standard", "accumulating")
 _TITLES = {"standard": "Standard", "accumulating": "Accumulation"}
 # One colour per (model, split), in the notebook's plotting order.
 _COLOURS = {
@@ -48,7 +49,8 @@ def plot_curves(
 
     Solid lines are ``runs[0]``; a shaded band spans the minimum to maximum
     over all ``runs`` (seeds) where there are several; dashed lines are the
-    notebook's logged curves (``reference``, from `load_reference`).
+    notebook's logged curves (``reference``, from `load_reference`) over the
+    same epochs.
     """
     figure = Figure(figsize=(13, 5.5))
     axes = figure.subplots(1, 2)
@@ -71,7 +73,8 @@ def plot_curves(
                         alpha=0.2,
                         linewidth=0,
                     )
-                logged = reference[model][key]
+                # Only the epochs we ran, so that short runs stay readable.
+                logged = reference[model][key][: len(main)]
                 if not np.isnan(logged).all():
                     axis.plot(
                         _epochs(logged),
@@ -116,8 +119,9 @@ def plot_updates(
             color=colour,
             label=f"{_TITLES[model]} (ours)",
         )
-        logged = reference[model]["train_loss"]
-        updates_per_epoch = run[model]["updates"] / len(run[model]["train_loss"])
+        epochs_run = len(run[model]["train_loss"])
+        logged = reference[model]["train_loss"][:epochs_run]
+        updates_per_epoch = run[model]["updates"] / epochs_run
         axis.plot(
             _epochs(logged) * updates_per_epoch,
             logged,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
@@ -14,6 +16,9 @@ from accumulate.accumulator import GradientAccumulator
 
 EPOCH = "epoch"
 _STATE_KEY = "accumulation_state_"
+# Micro-batches of the current epoch when the state was saved (not a
+# _STATE_KEY: it is not a variable of the accumulation state).
+_EPOCH_PROGRESS_KEY = "accumulation_epoch_micro_batches"
 
 
 def validate_accumulation_steps(accumulation_steps: Any) -> int | str:
@@ -206,14 +211,39 @@ class AccumulatingModel(keras.Model):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None):
+        # Keras 3.15 reduces the first distributed batch with
+        # `strategy.reduce("MEAN", batch)`, which fails for a (x, y) batch
+        # under MultiWorkerMirroredStrategy, for any Keras model. The build
+        # only needs shapes and dtypes: take this worker's first replica's.
+        strategy = self._distribute_strategy
+        if (
+            isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and iterator is not None
+            and data_batch is None
+        ):
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda value: strategy.experimental_local_results(value)[0]
+                    if isinstance(value, tf.distribute.DistributedValues)
+                    else value,
+                    next(batches),
+                )
+                break
+            with strategy.scope():
+                self._symbolic_build(data_batch=data_batch)
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def make_train_function(self, force: bool = False):
         if self.built:
             self._build_accumulation_state()
         return super().make_train_function(force)
 
     def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any):
-        if self._flush_at_epoch_end:
-            callbacks = _with_flush_callback(callbacks, self)
+        # Always added: besides the epoch-end flush it tracks how far into
+        # the epoch training is, for an exact resume (see _FlushAtEpochEnd).
+        callbacks = _with_flush_callback(callbacks, self)
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def train_step(self, data: Any) -> dict[str, Any]:
@@ -237,27 +267,71 @@ class AccumulatingModel(keras.Model):
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         # A model that Keras builds while tracing (no strategy, subclassed,
         # unbuilt) has variables only now; create the state outside the graph.
-        with tf.init_scope():
-            self._build_accumulation_state()
+        # Only when needed: entering init_scope from a MirroredStrategy
+        # replica thread corrupts the step when some replicas get an empty
+        # micro-batch (tests/test_distributed.py, 4 replicas).
+        if [id(v) for v in self.trainable_variables] != self._accumulated_variable_ids:
+            with tf.init_scope():
+                self._build_accumulation_state()
         weight = tf.cast(self.micro_batch_weight(x, y, y_pred, sample_weight), tf.float32)
         self._accumulation.add(gradients, weight)
         if self._accumulation_steps != EPOCH:
             self._apply_window_if(self._accumulation.steps >= self._accumulation_steps)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        strategy = self.distribute_strategy
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3.15 reduces the logs of a multi-worker step with
+            # strategy.reduce("MEAN", value, axis=0), which fails for scalars;
+            # give them the axis it averages over (the mean over replicas).
+            logs = tf.nest.map_structure(lambda value: tf.reshape(value, [1]), logs)
+        return logs
 
     def micro_batch_weight(
         self, x: Any, y: Any, y_pred: Any, sample_weight: Any
     ) -> tf.Tensor:
-        """The weight of one micro-batch in its window: its number of samples.
+        """The weight of one micro-batch in its window: its loss's denominator.
 
-        This is the denominator Keras's default loss reduction
-        (``"sum_over_batch_size"``) divides by, which is what makes the
-        accumulated gradient equal the big batch's. A subclass whose loss
-        divides by something else (say, the number of unmasked tokens)
-        returns that instead.
+        Keras's default loss reduction (``"sum_over_batch_size"``) divides
+        the summed loss by the number of samples, or, when the model's output
+        carries a Keras mask (``Embedding(mask_zero=True)``, ``Masking``), by
+        the number of unmasked entries. Weighting each micro-batch by that
+        denominator is what makes the accumulated gradient equal the big
+        batch's, so the default returns the number of samples, or of unmasked
+        entries for a masked output. A subclass whose loss divides by
+        something else returns that instead.
+
+        With several outputs, each loss has its own denominator and one
+        weight per micro-batch can only be exact if they agree: outputs
+        without masks all divide by the number of samples; masked outputs
+        must hold the same number of unmasked entries (checked when the step
+        runs). Mixing masked and unmasked outputs raises a `ValueError`.
         """
-        del y, y_pred, sample_weight
-        return _batch_size(x)
+        del y, sample_weight
+        outputs = tf.nest.flatten(y_pred)
+        masks = [getattr(output, "_keras_mask", None) for output in outputs]
+        if all(mask is None for mask in masks):
+            return _batch_size(x)
+        if any(mask is None for mask in masks):
+            raise ValueError(
+                "Some of the model's outputs carry a Keras mask and some do "
+                "not: their losses divide by different counts (unmasked "
+                "entries, samples), so no single weight per micro-batch makes "
+                "accumulation exact. Override micro_batch_weight(), or give "
+                "every output the same mask."
+            )
+        counts = [tf.reduce_sum(tf.cast(mask, tf.float32)) for mask in masks]
+        for count in counts[1:]:
+            tf.debugging.assert_equal(
+                count,
+                counts[0],
+                message=(
+                    "The model's masked outputs hold different numbers of "
+                    "unmasked entries in this micro-batch; their losses divide "
+                    "by different counts, so no single weight per micro-batch "
+                    "makes accumulation exact. Override micro_batch_weight()."
+                ),
+            )
+        return counts[0]
 
     # -- Applying and discarding windows -------------------------------------
 
@@ -388,13 +462,25 @@ class AccumulatingModel(keras.Model):
         if self._accumulation is not None:
             for index, variable in enumerate(self._accumulation.variables_to_save):
                 store[f"{_STATE_KEY}{index}"] = variable.numpy()
+            store[_EPOCH_PROGRESS_KEY] = np.asarray(
+                getattr(self, "_epoch_micro_batches", 0), dtype=np.int64
+            )
 
     def load_own_variables(self, store: Any) -> None:
         state_keys = [key for key in store.keys() if key.startswith(_STATE_KEY)]
         own_variables = {
-            key: store[key] for key in store.keys() if not key.startswith(_STATE_KEY)
+            key: store[key]
+            for key in store.keys()
+            if not key.startswith(_STATE_KEY) and key != _EPOCH_PROGRESS_KEY
         }
         super().load_own_variables(own_variables)
+        if _EPOCH_PROGRESS_KEY in store.keys() and getattr(  # noqa: SIM118 (H5 store)
+            self, "_restoring_in_fit", False
+        ):
+            # A callback (BackupAndRestore) restores this state as `fit`
+            # starts, and `fit` will replay the interrupted epoch from its
+            # first batch: skip the micro-batches the state already holds.
+            self._micro_batches_to_skip = int(np.asarray(store[_EPOCH_PROGRESS_KEY]))
         if not state_keys:
             return
         self._build_accumulation_state()
@@ -475,18 +561,100 @@ def _assign_total(variable: tf.Variable, value: Any, strategy: tf.distribute.Str
 
 
 class _FlushAtEpochEnd(keras.callbacks.Callback):
-    """Applies an incomplete window before validation and epoch-end callbacks."""
+    """`fit`'s own callback, first in the list.
+
+    * Applies an incomplete window before validation and epoch-end callbacks
+      (with ``flush_at_epoch_end``), except after a non-finite loss stopped
+      training (`keras.callbacks.TerminateOnNaN`): that window is discarded,
+      so the weights keep the last complete update.
+    * Counts the micro-batches of the current epoch, which ``save_weights``
+      stores with the accumulation state. Keras's BackupAndRestore restores
+      weights and epoch in ``on_train_begin`` but replays the interrupted
+      epoch from its first batch; the micro-batches the restored state
+      already holds are then skipped (their data is drawn and dropped, no
+      step runs), so none is counted twice and none is lost. This needs the
+      replayed epoch to yield the same batches in the same order (e.g.
+      ``shuffle=False``, or a dataset whose order depends only on the epoch).
+    """
 
     def __init__(self, model: AccumulatingModel):
         super().__init__()
         self._accumulating_model = model
+        self._last_loss_finite = True
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        model = self._accumulating_model
+        model._epoch_micro_batches = 0
+        model._micro_batches_to_skip = 0
+        # Loads from here to the first epoch are restores for this fit.
+        model._restoring_in_fit = True
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        model = self._accumulating_model
+        model._restoring_in_fit = False
+        model._epoch_micro_batches = 0
+        self._last_loss_finite = True
+        to_skip = getattr(model, "_micro_batches_to_skip", 0)
+        model._micro_batches_to_skip = 0
+        if to_skip > 0:
+            model.train_function = _skipping_train_function(
+                model, model.train_function, to_skip
+            )
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self._accumulating_model._epoch_micro_batches = batch + 1
+        loss = (logs or {}).get("loss")
+        if loss is not None:
+            self._last_loss_finite = bool(np.all(np.isfinite(loss)))
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self._accumulating_model._restoring_in_fit = False
+
+    def _flush(self) -> None:
+        model = self._accumulating_model
+        if model.stop_training and not self._last_loss_finite:
+            if model.steps_accumulated:
+                warnings.warn(
+                    "Training stopped on a non-finite loss; the incomplete "
+                    f"window of {model.steps_accumulated} micro-batches holds "
+                    "it and is discarded, not applied. The weights are those "
+                    "of the last complete update.",
+                    stacklevel=2,
+                )
+                model.reset_accumulated_gradients()
+            return
+        if model.flush_at_epoch_end:
+            model.apply_accumulated_gradients()
 
     def on_test_begin(self, logs: Any = None) -> None:
         # Only reached from fit's validation: this callback is fit's own.
-        self._accumulating_model.apply_accumulated_gradients()
+        self._flush()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        self._accumulating_model.apply_accumulated_gradients()
+        self._flush()
+
+
+def _skipping_train_function(model: AccumulatingModel, train_function: Any, count: int):
+    """``train_function`` that first drops ``count`` micro-batches of data.
+
+    Called once per Keras step, like the train function: while micro-batches
+    remain to skip, it draws them from the iterator and returns the (reset)
+    metrics without training; then it puts the real function back.
+    """
+    remaining = count
+
+    def function(iterator: Any):
+        nonlocal remaining
+        if remaining <= 0:
+            return train_function(iterator)
+        for _ in range(min(remaining, model.steps_per_execution)):
+            iterator.get_next()
+            remaining -= 1
+        if remaining == 0 and model.train_function is function:
+            model.train_function = train_function
+        return model.get_metrics_result()
+
+    return function
 
 
 def _with_flush_callback(callbacks: Any, model: AccumulatingModel) -> Any:

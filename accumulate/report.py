@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from accumulate.config import ExperimentConfig
+from accumulate.config import OPTIMIZERS, ExperimentConfig
 from accumulate.figures import plot_confusion, plot_curves, plot_updates
 from accumulate.reference import DATASETS, METRICS, MODELS, load_reference
 from accumulate.results import find_results, load_result, result_config
@@ -41,6 +41,12 @@ _NOTEBOOK = ExperimentConfig("mnist")  # the notebook's settings, as its logs sh
 _DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 _MODEL_TITLES = {"standard": "standard", "accumulating": "accumulating"}
 _MISSING = "—"
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam"}
+_FASHION_LOGGING = {
+    "fashion_mnist": " As exported, the notebook's Fashion-MNIST standard loop "
+    "computes the logged means before appending the epoch's last batch, so "
+    "they leave that batch out."
+}
 _NUM_CLASSES = 10  # both datasets, and the MLP's output layer
 
 
@@ -160,7 +166,7 @@ def _main_run_per_optimizer(runs: Sequence[Run]) -> dict[str, Run]:
 
 
 def _describe(config: ExperimentConfig) -> str:
-    name = {"sgd": "SGD", "adam": "Adam"}[config.optimizer]
+    name = _OPTIMIZER_NAMES[config.optimizer]
     return f"{name}({config.learning_rate:g}), batch {config.batch_size}"
 
 
@@ -214,8 +220,9 @@ def _markdown(
             '"AP Project — Gradient Accumulation Project", 2023-12-22). '
             "Regenerate it rather than editing it.",
             "",
-            f"Compared with the notebook: {_describe(main.config)}, seeds "
-            f"{seeds}; the main run is seed {main.config.seed} "
+            f"Compared with the notebook: {_describe(main.config)}, "
+            f"seed{'s' if len(compared) > 1 else ''} {seeds}; the main run is "
+            f"seed {main.config.seed} "
             f"(`{main.path.name}`, {main.epochs_run} epochs).",
         ],
         _comparison_section(compared, reference),
@@ -328,7 +335,8 @@ def _optimizer_section(
         ]
     ]
     differences: dict[str, float] = {}
-    for optimizer, run in sorted(candidates.items()):
+    for optimizer in sorted(candidates, key=OPTIMIZERS.index):
+        run = candidates[optimizer]
         standard = run.result["standard"]
         differences[optimizer] = _mean_abs_difference(
             standard["train_loss"], reference["standard"]["train_loss"], common
@@ -365,10 +373,11 @@ def _optimizer_section(
         lines += [
             "",
             f"Over epochs 1-{common}, the notebook's standard training loss is "
-            f"closest to {closest.upper()}'s: on average "
+            f"closest to {_OPTIMIZER_NAMES[closest]}'s: on average "
             f"{_number(differences[closest])} away, against "
             + ", ".join(
-                f"{_number(differences[other])} for {other.upper()}" for other in others
+                f"{_number(differences[other])} for {_OPTIMIZER_NAMES[other]}"
+                for other in others
             )
             + ".",
         ]
@@ -396,22 +405,28 @@ def _differences_section(runs: Sequence[Run], main: Run) -> list[str]:
         == run.result["accumulating"]["initial_weights_sha256"]
     ]
     digest = main.result["standard"]["initial_weights_sha256"]
+    twins_headline = (
+        "The twins start identical here."
+        if len(identical) == len(runs)
+        else "Twins that should start identical do not, in some files."
+    )
     accumulating_updates = main.result["accumulating"]["updates"]
     standard_updates = main.result["standard"]["updates"]
     return [
         "## What differs from the notebook",
         "",
-        "* **The twins start identical here.** In "
-        f"{len(identical)} of {len(runs)} result file(s) the standard and "
-        "accumulating twins' initial weights have the same SHA-256 (seed "
-        f"{main.config.seed}: `{digest[:16]}…`). The notebook seeds TensorFlow "
+        f"* **{twins_headline}** In {len(identical)} of {len(runs)} result "
+        "file(s) the standard and accumulating twins' initial weights have the "
+        f"same SHA-256 (seed {main.config.seed}: `{digest[:16]}…`). The "
+        "notebook seeds TensorFlow "
         "once and then builds its two models one after the other, so they "
         "draw different initial weights and its comparison starts from two "
         "different points.",
         "* **The accumulated gradient is exact here.** The notebook sums the "
-        "per-batch mean gradients, scaling the ragged last batch "
-        f"({last_batch} of {samples} samples) by {last_batch}/{batch_size}, and "
-        f"divides by the number of batches, {batches}: its update is "
+        "per-batch mean gradients, scaling the last batch's gradient by "
+        f"{last_batch}/{batch_size} ({samples} = {batches - 1} x {batch_size} + "
+        f"{last_batch}), and divides by the number of batches, {batches}: its "
+        "update is "
         f"{samples}/({batch_size} x {batches}) = {factor:.4f} times the "
         "full-batch mean gradient (for plain SGD, a learning rate "
         f"{factor:.4f} times the stated one). `AccumulatingModel` weights "
@@ -421,9 +436,8 @@ def _differences_section(runs: Sequence[Run], main: Run) -> list[str]:
         f"{main.epochs_run} epochs and the standard twin {standard_updates}.",
         "* **Logged training metrics.** The notebook's epoch loss and accuracy "
         "are plain means over batches (the last, smaller batch counts as much "
-        "as a full one); Keras's `fit` weights each batch by its samples. In "
-        "the export, the Fashion-MNIST standard loop computes the logged means "
-        "before appending the epoch's last batch.",
+        "as a full one); Keras's `fit` weights each batch by its samples."
+        + _FASHION_LOGGING.get(main.config.dataset, ""),
         "* **Validation.** The notebook logged validation numbers only for the "
         "MNIST standard run; here both twins are validated on the test set "
         "after every epoch.",
@@ -490,6 +504,7 @@ def _timings_section(runs: Sequence[Run]) -> list[str]:
                     _number(history["epoch_seconds"][0], 2),
                     _number(float(np.median(later)), 3),
                     f"{threads} / {machine['cpu_count']}",
+                    "yes" if history.get("jit_compile") else "no",
                 ]
             )
     main_config = runs[0].result["config"]
@@ -514,11 +529,12 @@ def _timings_section(runs: Sequence[Run]) -> list[str]:
                 "first epoch s",
                 "median epoch s",
                 "threads",
+                "XLA",
             ],
             rows,
         ),
         "",
         f"Versions: {versions}. Machine: {main_config['machine']['platform']}. "
-        f"Settings: jit_compile={settings['jit_compile']}, "
-        f"steps_per_execution={settings['steps_per_execution']}.",
+        f"Batches per graph call (steps_per_execution): "
+        f"{settings['steps_per_execution']}.",
     ]

@@ -54,7 +54,8 @@ def save_result(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    # Compact: indenting would put each of the 10,000 predictions on a line.
+    partial.write_text(json.dumps(result) + "\n", encoding="utf-8")
     os.replace(partial, path)
     return path
 

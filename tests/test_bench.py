@@ -67,12 +67,12 @@ def test_bench_writes_json_and_png(bench_output: Path) -> None:
         assert row["ratio_to_fit"] is not None
         assert row["ratio_to_floor"] is not None
     keys = {row["key"] for row in report["results"]}
-    assert "fit [jit=off, spe=1]" in keys
-    assert "acc-epoch [jit=off, spe=1]" in keys
+    assert "fit [jit=off spe=1]" in keys
+    assert "acc-epoch [jit=off spe=1]" in keys
     assert "notebook-accumulating [eager]" in keys
-    fit = next(row for row in report["results"] if row["key"] == "fit [jit=off, spe=1]")
+    fit = next(row for row in report["results"] if row["key"] == "fit [jit=off spe=1]")
     assert fit["ratio_to_fit"] == pytest.approx(1.0)
-    assert report["ratios"]["per_settings"]["jit=off, spe=1"]["acc-epoch/fit"] > 0
+    assert report["ratios"]["per_settings"]["jit=off spe=1"]["acc-epoch/fit"] > 0
 
 
 def test_scaling_writes_json_and_png(scaling_output: Path) -> None:

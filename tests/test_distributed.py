@@ -67,7 +67,9 @@ def _worker(replicas: int, out_path: str) -> None:  # pragma: no cover - subproc
     def train(strategy, steps, epochs, optimizer, data=(x, y), **compile_kwargs):
         with strategy.scope():
             model = build(steps, optimizer, **compile_kwargs)
-        model.fit(*data, batch_size=global_batch, epochs=epochs, shuffle=False, verbose=0)
+        model.fit(
+            *data, batch_size=global_batch, epochs=epochs, shuffle=False, verbose=0
+        )
         return model
 
     def max_diff(a, b):
@@ -104,7 +106,9 @@ def _worker(replicas: int, out_path: str) -> None:  # pragma: no cover - subproc
         strategies[name] = tf.distribute.MirroredStrategy(["/cpu:0"])
     for name, (steps, epochs, optimizer, compile_kwargs) in scenarios.items():
         reference = train(single, steps, epochs, optimizer, **compile_kwargs)
-        distributed = train(strategies[name], steps, epochs, optimizer, **compile_kwargs)
+        distributed = train(
+            strategies[name], steps, epochs, optimizer, **compile_kwargs
+        )
         results["exact"][name] = {
             "max_abs_diff": max_diff(reference, distributed),
             "iterations": [
@@ -121,7 +125,6 @@ def _worker(replicas: int, out_path: str) -> None:  # pragma: no cover - subproc
 
 def _mixed_precision(train, max_diff, single, mirrored):  # pragma: no cover
     import keras
-
     import numpy as np
 
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -135,7 +138,9 @@ def _mixed_precision(train, max_diff, single, mirrored):  # pragma: no cover
             # How far training moved the weights, to scale float16 rounding.
             "max_abs_update": max(
                 float(np.max(np.abs(u - v)))
-                for u, v in zip(reference.get_weights(), initial.get_weights(), strict=True)
+                for u, v in zip(
+                    reference.get_weights(), initial.get_weights(), strict=True
+                )
             ),
             "optimizer": type(distributed.optimizer).__name__,
             "loss_scale": float(distributed.optimizer.dynamic_scale.numpy()),
@@ -209,8 +214,13 @@ def _count_all_reduces(train, strategy, x, y):  # pragma: no cover - subprocess
             for counter in counters.values():
                 counter.assign(0)
             eager_reads[0] = 0
-            model = train(strategy, steps, 1, lambda: __import__("keras").optimizers.SGD(0.1),
-                          data=(big_x, big_y))
+            model = train(
+                strategy,
+                steps,
+                1,
+                lambda: __import__("keras").optimizers.SGD(0.1),
+                data=(big_x, big_y),
+            )
             out[str(steps)] = {
                 "micro_batches": 118,
                 "updates": int(model.optimizer.iterations.numpy()),
@@ -312,3 +322,38 @@ def test_one_all_reduce_per_applied_update(mirrored2):
 
 if __name__ == "__main__":  # pragma: no cover - the worker
     _worker(int(sys.argv[1]), sys.argv[2])
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_strategy_matches_one_process(tmp_path):
+    """examples/multi_worker.py: 2 worker processes on 127.0.0.1 vs 1 process."""
+    out = tmp_path / "multi_worker.json"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
+    try:
+        # The example bounds and reaps its own children; this bounds it.
+        completed = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "examples" / "multi_worker.py"),
+                "--workers",
+                "2",
+                "--timeout",
+                str(WORKER_TIMEOUT - 30),
+                "--json",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WORKER_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"examples/multi_worker.py timed out:\n{error.stderr}")
+    assert completed.returncode == 0, completed.stderr[-6000:]
+    result = json.loads(out.read_text())
+    print(result)
+    assert result["workers"] == 2
+    for index in range(2):
+        assert result[f"worker{index}_updates"] == result["single_process_updates"] == 8
+        assert result[f"worker{index}_max_abs_diff"] <= FLOAT32_TOLERANCE

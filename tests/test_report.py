@@ -1,0 +1,107 @@
+"""Tests for accumulate.report on fabricated result files (no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from accumulate.config import ExperimentConfig
+from accumulate.reference import load_reference
+from accumulate.report import build_report
+from accumulate.results import result_path, save_result
+
+EPOCHS = 4
+TEST_SAMPLES = 50
+BATCHES = 118
+
+
+def _fabricate(config: ExperimentConfig, offset: float) -> dict:
+    """A result whose curves are the notebook's, shifted by ``offset``."""
+    logged = load_reference(config.dataset)
+    rng = np.random.default_rng(config.seed)
+    labels = rng.integers(0, 10, TEST_SAMPLES).tolist()
+    result = {
+        "config": {
+            **config.to_dict(),
+            "versions": {"keras": "3.15.1"},
+            "machine": {"platform": "test", "cpu_count": 2, "intra_op_threads": 1},
+            "settings": {"steps_per_execution": "epoch"},
+        },
+        "data": {
+            "train_samples": 60000,
+            "test_samples": TEST_SAMPLES,
+            "batches_per_epoch": BATCHES,
+            "test_labels": labels,
+        },
+    }
+    for model, per_epoch in (("standard", BATCHES), ("accumulating", 1)):
+        history = {
+            metric: [
+                float(value) if np.isfinite(value) else 0.5
+                for value in logged[model][metric][: config.epochs] + offset
+            ]
+            for metric in logged[model]
+        }
+        history.update(
+            updates=per_epoch * config.epochs,
+            cumulative_updates=[per_epoch * (e + 1) for e in range(config.epochs)],
+            seconds=1.5,
+            epoch_seconds=[0.9] + [0.2] * (config.epochs - 1),
+            # The Adam file pretends its twins started apart.
+            initial_weights_sha256=f"{config.seed:063x}{model == 'standard':d}"
+            if config.optimizer == "adam"
+            else f"{config.seed:064x}",
+            jit_compile=True,
+            test_predictions=labels[:-5] + [0] * 5,
+        )
+        result[model] = history
+    return result
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    runs = [
+        (ExperimentConfig("mnist", epochs=EPOCHS, seed=42), 0.01),
+        (ExperimentConfig("mnist", epochs=EPOCHS, seed=1), 0.03),
+        (ExperimentConfig("mnist", epochs=EPOCHS - 1, optimizer="adam"), -0.5),
+    ]
+    for config, offset in runs:
+        save_result(_fabricate(config, offset), result_path(tmp_path, config))
+    return tmp_path
+
+
+def test_writes_every_file(results_dir):
+    written = build_report(results_dir)
+    names = {path.name for path in written}
+    assert names == {
+        "curves.png",
+        "updates.png",
+        "confusion.png",
+        "classification-report-standard.txt",
+        "classification-report-accumulating.txt",
+        "report.md",
+    }
+    assert all(path.parent == results_dir / "mnist" for path in written)
+
+
+def test_report_tables_use_the_results(results_dir):
+    build_report(results_dir)
+    report = (results_dir / "mnist" / "report.md").read_text()
+    # Seed 42 is the main run, seed 1 adds the spread, Adam only the comparison.
+    assert "seeds 42, 1" in report
+    notebook = load_reference("mnist")["standard"]["val_accuracy"][0]
+    row = f"| val_accuracy | 1 | {notebook:.4f} | {notebook + 0.01:.4f} | +0.0100 |"
+    assert row in report
+    assert "(n=2)" in report
+    assert "closest to SGD's: on average 0.0100 away, against 0.5000 for Adam" in (
+        report
+    )
+    assert "60000/(512 x 118) = 0.9931" in report
+    assert "In 2 of 3 result file(s)" in report
+    assert "do not, in some files" in report
+    assert "| standard | epoch-1 val accuracy |" in report
+
+
+def test_empty_directory_gives_no_files(tmp_path):
+    assert build_report(tmp_path) == []
+    assert build_report(tmp_path / "missing") == []
