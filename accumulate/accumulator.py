@@ -38,6 +38,13 @@ _PER_REPLICA = {
 }
 
 
+_COUNTER = {
+    "trainable": False,
+    "synchronization": tf.VariableSynchronization.ON_READ,
+    "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
+}
+
+
 def _accumulation_dtype(dtype: tf.DType | str) -> tf.DType:
     # Half-precision sums of many micro-batches lose the small ones; keep
     # float32 (or wider) whatever the variable's dtype.
@@ -78,14 +85,12 @@ class GradientAccumulator(tf.Module):
             # past that err by less than float32 gradients already do.
             self.samples = tf.Variable(0.0, name="samples", **_PER_REPLICA)
             # Every replica runs the same number of micro-batches, so one
-            # replica's count is the global count.
-            self.steps = tf.Variable(
-                0,
-                dtype=tf.int64,
-                name="steps",
-                trainable=False,
-                synchronization=tf.VariableSynchronization.ON_READ,
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            # replica's counts are the global counts.
+            self.steps = tf.Variable(0, dtype=tf.int64, name="steps", **_COUNTER)
+            # Not part of the window: how far into the epoch training is, so
+            # that a run restored mid-epoch knows what it already holds.
+            self.micro_batches_this_epoch = tf.Variable(
+                0, dtype=tf.int64, name="micro_batches_this_epoch", **_COUNTER
             )
         self.variable_dtypes = [tf.as_dtype(variable.dtype) for variable in variables]
         # Which variables receive a gradient is known when the train step is
@@ -109,6 +114,7 @@ class GradientAccumulator(tf.Module):
             )
         self.samples.assign_add(weight)
         self.steps.assign_add(1)
+        self.micro_batches_this_epoch.assign_add(1)
 
     def gradient_sum_values(self) -> list[tf.Tensor | None]:
         """This replica's weighted sums, ``None`` for variables without gradient."""
@@ -153,7 +159,23 @@ class GradientAccumulator(tf.Module):
         self.samples.assign(0.0)
         self.steps.assign(0)
 
+    def start_epoch(self) -> None:
+        """Restarts the epoch's micro-batch count (the window is kept)."""
+        self.micro_batches_this_epoch.assign(0)
+
+    def is_finite(self) -> bool:
+        """Whether every accumulated value is finite (reads them: host sync)."""
+        return all(
+            bool(tf.reduce_all(tf.math.is_finite(gradient_sum)))
+            for gradient_sum in self.gradient_sums
+        )
+
     @property
     def variables_to_save(self) -> list[tf.Variable]:
         """Every variable of the state, in a fixed order (for checkpoints)."""
-        return [*self.gradient_sums, self.samples, self.steps]
+        return [
+            *self.gradient_sums,
+            self.samples,
+            self.steps,
+            self.micro_batches_this_epoch,
+        ]

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-import warnings
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
+from accumulate import distributed
 from accumulate.accumulator import GradientAccumulator
+from accumulate.fit_callback import with_epoch_boundaries
 
 EPOCH = "epoch"
 _STATE_KEY = "accumulation_state_"
-# Micro-batches of the current epoch when the state was saved (not a
-# _STATE_KEY: it is not a variable of the accumulation state).
-_EPOCH_PROGRESS_KEY = "accumulation_epoch_micro_batches"
 
 
 def validate_accumulation_steps(accumulation_steps: Any) -> int | str:
@@ -38,10 +34,6 @@ def validate_accumulation_steps(accumulation_steps: Any) -> int | str:
         f"accumulation_steps={accumulation_steps!r} "
         f"(type {type(accumulation_steps).__name__})."
     )
-
-
-def _do_nothing() -> None:
-    return None
 
 
 def _batch_size(x: Any) -> tf.Tensor:
@@ -178,7 +170,7 @@ class AccumulatingModel(keras.Model):
         """Samples in the current, not yet applied window (all replicas)."""
         if self._accumulation is None:
             return 0
-        return int(round(float(self._accumulation.samples.numpy())))
+        return round(float(self._accumulation.samples.numpy()))
 
     @property
     def steps_accumulated(self) -> int:
@@ -187,76 +179,17 @@ class AccumulatingModel(keras.Model):
             return 0
         return int(self._accumulation.steps.numpy())
 
-    # -- Keras integration -------------------------------------------------
-
-    def compile(self, optimizer: Any = "rmsprop", *args: Any, **kwargs: Any) -> None:
-        optimizer = keras.optimizers.get(optimizer)
-        inner_optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-        keras_steps = getattr(inner_optimizer, "gradient_accumulation_steps", None)
-        if keras_steps:
-            raise ValueError(
-                "The optimizer has Keras's own gradient accumulation enabled "
-                f"(gradient_accumulation_steps={keras_steps})"
-                "; AccumulatingModel already accumulates, so the gradients "
-                "would be accumulated twice. Create the optimizer with "
-                "gradient_accumulation_steps=None and set "
-                "AccumulatingModel(accumulation_steps=...) instead."
-            )
-        super().compile(optimizer, *args, **kwargs)
-
-    def compile_from_config(self, config: dict[str, Any]) -> None:
-        # Keras skips compiling on load when `compile` is overridden; ours
-        # only validates, so restore the compiled state as Keras would.
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
-    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None):
-        # Keras 3.15 reduces the first distributed batch with
-        # `strategy.reduce("MEAN", batch)`, which fails for a (x, y) batch
-        # under MultiWorkerMirroredStrategy, for any Keras model. The build
-        # only needs shapes and dtypes: take this worker's first replica's.
-        strategy = self._distribute_strategy
-        if (
-            isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and iterator is not None
-            and data_batch is None
-        ):
-            for _, _, batches in iterator:
-                data_batch = tf.nest.map_structure(
-                    lambda value: strategy.experimental_local_results(value)[0]
-                    if isinstance(value, tf.distribute.DistributedValues)
-                    else value,
-                    next(batches),
-                )
-                break
-            with strategy.scope():
-                self._symbolic_build(data_batch=data_batch)
-            return
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-    def make_train_function(self, force: bool = False):
-        if self.built:
-            self._build_accumulation_state()
-        return super().make_train_function(force)
-
-    def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any):
-        # Always added: besides the epoch-end flush it tracks how far into
-        # the epoch training is, for an exact resume (see _FlushAtEpochEnd).
-        callbacks = _with_flush_callback(callbacks, self)
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+    # -- The train step ------------------------------------------------------
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        replicas = self.distribute_strategy.num_replicas_in_sync
         with tf.GradientTape() as tape:
-            if self._call_has_training_arg:
-                y_pred = self(x, training=True)
-            else:
-                y_pred = self(x)
+            training = {"training": True} if self._call_has_training_arg else {}
+            y_pred = self(x, **training)
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
-            replicas = self.distribute_strategy.num_replicas_in_sync
             self._loss_tracker.update_state(
                 loss * replicas, sample_weight=_batch_size(x)
             )
@@ -265,24 +198,28 @@ class AccumulatingModel(keras.Model):
             # gradient) and the window divides by the samples of all replicas.
             scaled_loss = self.optimizer.scale_loss(loss * replicas)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
-        # A model that Keras builds while tracing (no strategy, subclassed,
-        # unbuilt) has variables only now; create the state outside the graph.
-        # Only when needed: entering init_scope from a MirroredStrategy
-        # replica thread corrupts the step when some replicas get an empty
-        # micro-batch (tests/test_distributed.py, 4 replicas).
-        if [id(v) for v in self.trainable_variables] != self._accumulated_variable_ids:
+        if self._accumulated_variable_ids != _ids(self.trainable_variables):
+            # Keras builds a model without a strategy while tracing: its
+            # variables exist only now. Create the state outside the graph
+            # (and only then: init_scope from a replica thread on every step
+            # corrupts steps where some replicas get an empty micro-batch).
             with tf.init_scope():
                 self._build_accumulation_state()
-        weight = tf.cast(self.micro_batch_weight(x, y, y_pred, sample_weight), tf.float32)
+        weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
         self._accumulation.add(gradients, weight)
         if self._accumulation_steps != EPOCH:
-            self._apply_window_if(self._accumulation.steps >= self._accumulation_steps)
+            distributed.cond_in_cross_replica_context(
+                self._accumulation.steps >= self._accumulation_steps,
+                self._apply_window,
+                self.optimizer,
+            )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        strategy = self.distribute_strategy
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            # Keras 3.15 reduces the logs of a multi-worker step with
-            # strategy.reduce("MEAN", value, axis=0), which fails for scalars;
-            # give them the axis it averages over (the mean over replicas).
+        if isinstance(
+            self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy
+        ):
+            # Keras 3.15 reduces multi-worker logs with
+            # strategy.reduce("MEAN", value, axis=0), which fails on scalars
+            # (for any Keras model): give them the axis it averages over.
             logs = tf.nest.map_structure(lambda value: tf.reshape(value, [1]), logs)
         return logs
 
@@ -307,8 +244,9 @@ class AccumulatingModel(keras.Model):
         runs). Mixing masked and unmasked outputs raises a `ValueError`.
         """
         del y, sample_weight
-        outputs = tf.nest.flatten(y_pred)
-        masks = [getattr(output, "_keras_mask", None) for output in outputs]
+        masks = [
+            getattr(output, "_keras_mask", None) for output in tf.nest.flatten(y_pred)
+        ]
         if all(mask is None for mask in masks):
             return _batch_size(x)
         if any(mask is None for mask in masks):
@@ -333,7 +271,17 @@ class AccumulatingModel(keras.Model):
             )
         return counts[0]
 
-    # -- Applying and discarding windows -------------------------------------
+    def _apply_window(self) -> None:
+        """One optimizer update on the window's mean gradient, then reset."""
+        accumulation = self._accumulation
+        gradient_sums, total_samples = distributed.all_reduce_window(
+            accumulation.gradient_sum_values(), accumulation.samples.read_value()
+        )
+        gradients = accumulation.mean_gradients(total_samples, gradient_sums)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        accumulation.reset()
+
+    # -- Applying and discarding windows by hand -------------------------------
 
     def apply_accumulated_gradients(self) -> None:
         """Applies the current window now, if it holds any micro-batch.
@@ -346,19 +294,16 @@ class AccumulatingModel(keras.Model):
         if self._apply_function is None:
 
             @tf.function
-            def apply_function():
-                # Cross-replica context: the condition is read from the first
-                # replica (every replica ran the same micro-batches) and the
-                # branch may then synchronise the replicas.
-                strategy = self.distribute_strategy
-                with _gradients_already_reduced(self.optimizer, strategy):
-                    tf.cond(
+            def apply_if_not_empty():
+                self.distribute_strategy.run(
+                    lambda: distributed.cond_in_cross_replica_context(
                         self._accumulation.steps > 0,
-                        lambda: strategy.run(self._apply_window),
-                        _do_nothing,
+                        self._apply_window,
+                        self.optimizer,
                     )
+                )
 
-            self._apply_function = apply_function
+            self._apply_function = apply_if_not_empty
         self._apply_function()
 
     def reset_accumulated_gradients(self) -> None:
@@ -367,58 +312,58 @@ class AccumulatingModel(keras.Model):
             with self.distribute_strategy.scope():
                 self.distribute_strategy.run(self._accumulation.reset)
 
-    def _apply_window_if(self, predicate: tf.Tensor) -> None:
-        """Applies the window when ``predicate`` holds (in a replica context).
+    # -- Keras integration -------------------------------------------------------
 
-        Under a `tf.distribute` strategy a `tf.cond` whose branch synchronises
-        the replicas is not allowed in a replica context, so the condition is
-        moved to the cross-replica context, as Keras's LossScaleOptimizer does.
-        """
-        replica_context = tf.distribute.get_replica_context()
-        if not tf.distribute.has_strategy() or replica_context is None:
-            tf.cond(predicate, self._apply_window, _do_nothing)
+    def compile(self, optimizer: Any = "rmsprop", *args: Any, **kwargs: Any) -> None:
+        optimizer = keras.optimizers.get(optimizer)
+        inner_optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        keras_steps = getattr(inner_optimizer, "gradient_accumulation_steps", None)
+        if keras_steps:
+            raise ValueError(
+                "The optimizer has Keras's own gradient accumulation enabled "
+                f"(gradient_accumulation_steps={keras_steps}); AccumulatingModel "
+                "already accumulates, so the gradients would be accumulated "
+                "twice. Create the optimizer with gradient_accumulation_steps="
+                "None and set AccumulatingModel(accumulation_steps=...) instead."
+            )
+        super().compile(optimizer, *args, **kwargs)
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        # Keras skips compiling on load when `compile` is overridden; ours
+        # only validates, so restore the compiled state as Keras would.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any):
+        return super().fit(
+            *args, callbacks=with_epoch_boundaries(callbacks, self), **kwargs
+        )
+
+    def make_train_function(self, force: bool = False):
+        if self.built:
+            self._build_accumulation_state()
+        return super().make_train_function(force)
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None):
+        strategy = self._distribute_strategy
+        if (
+            isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and iterator is not None
+            and data_batch is None
+        ):
+            # Keras 3.15 reduces the first distributed batch with
+            # strategy.reduce("MEAN", batch), which fails under multi-worker
+            # for any Keras model; the build only needs shapes and dtypes.
+            with strategy.scope():
+                self._symbolic_build(
+                    data_batch=distributed.first_replica_batch(iterator, strategy)
+                )
             return
-
-        def apply_in_cross_replica_context(strategy, predicate):
-            # Every replica ran the same micro-batches: take the first's.
-            predicate = strategy.experimental_local_results(predicate)[0]
-            with _gradients_already_reduced(self.optimizer, strategy):
-                tf.cond(
-                    predicate,
-                    lambda: strategy.extended.call_for_each_replica(self._apply_window),
-                    _do_nothing,
-                )
-
-        replica_context.merge_call(apply_in_cross_replica_context, args=(predicate,))
-
-    def _apply_window(self) -> None:
-        accumulation = self._accumulation
-        gradient_sums = accumulation.gradient_sum_values()
-        total_samples = accumulation.samples.read_value()
-        replica_context = tf.distribute.get_replica_context()
-        if self.distribute_strategy.num_replicas_in_sync > 1 and replica_context:
-            # The window's only communication: one all-reduce of the sums
-            # and the sample count together. The optimizer is then kept from
-            # all-reducing the gradients again (`_gradients_already_reduced`).
-            if _optimizer_reduction_can_be_skipped(self.optimizer):
-                present = [g for g in gradient_sums if g is not None]
-                *reduced, total_samples = replica_context.all_reduce(
-                    tf.distribute.ReduceOp.SUM, [*present, total_samples]
-                )
-                reduced_iter = iter(reduced)
-                gradient_sums = [
-                    None if g is None else next(reduced_iter) for g in gradient_sums
-                ]
-            else:  # pragma: no cover - a Keras without the private hook
-                total_samples = replica_context.all_reduce(
-                    tf.distribute.ReduceOp.SUM, total_samples
-                )
-        gradients = accumulation.mean_gradients(total_samples, gradient_sums)
-        self.optimizer.apply(gradients, self.trainable_variables)
-        accumulation.reset()
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _build_accumulation_state(self) -> None:
-        variable_ids = [id(variable) for variable in self.trainable_variables]
+        variable_ids = _ids(self.trainable_variables)
         if self._accumulation is not None:
             if variable_ids == self._accumulated_variable_ids:
                 return
@@ -438,7 +383,7 @@ class AccumulatingModel(keras.Model):
             self._accumulation = GradientAccumulator(self.trainable_variables)
         self._accumulated_variable_ids = variable_ids
 
-    # -- Serialisation -----------------------------------------------------
+    # -- Serialisation -------------------------------------------------------------
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -462,25 +407,13 @@ class AccumulatingModel(keras.Model):
         if self._accumulation is not None:
             for index, variable in enumerate(self._accumulation.variables_to_save):
                 store[f"{_STATE_KEY}{index}"] = variable.numpy()
-            store[_EPOCH_PROGRESS_KEY] = np.asarray(
-                getattr(self, "_epoch_micro_batches", 0), dtype=np.int64
-            )
 
     def load_own_variables(self, store: Any) -> None:
-        state_keys = [key for key in store.keys() if key.startswith(_STATE_KEY)]
-        own_variables = {
-            key: store[key]
-            for key in store.keys()
-            if not key.startswith(_STATE_KEY) and key != _EPOCH_PROGRESS_KEY
-        }
-        super().load_own_variables(own_variables)
-        if _EPOCH_PROGRESS_KEY in store.keys() and getattr(  # noqa: SIM118 (H5 store)
-            self, "_restoring_in_fit", False
-        ):
-            # A callback (BackupAndRestore) restores this state as `fit`
-            # starts, and `fit` will replay the interrupted epoch from its
-            # first batch: skip the micro-batches the state already holds.
-            self._micro_batches_to_skip = int(np.asarray(store[_EPOCH_PROGRESS_KEY]))
+        keys = list(store.keys())
+        state_keys = [key for key in keys if key.startswith(_STATE_KEY)]
+        super().load_own_variables(
+            {key: store[key] for key in keys if not key.startswith(_STATE_KEY)}
+        )
         if not state_keys:
             return
         self._build_accumulation_state()
@@ -492,10 +425,14 @@ class AccumulatingModel(keras.Model):
                 "model with other trainable variables?"
             )
         for index, variable in enumerate(saved):
-            _assign_total(variable, store[f"{_STATE_KEY}{index}"], self.distribute_strategy)
+            distributed.assign_total(
+                variable, store[f"{_STATE_KEY}{index}"], self.distribute_strategy
+            )
 
 
-@keras.saving.register_keras_serializable(package="accumulate", name="AccumulatingModel")
+@keras.saving.register_keras_serializable(
+    package="accumulate", name="AccumulatingModel"
+)
 class AccumulatingFunctional(AccumulatingModel, Functional):
     """`AccumulatingModel(inputs, outputs)`: a functional graph that accumulates.
 
@@ -504,165 +441,5 @@ class AccumulatingFunctional(AccumulatingModel, Functional):
     """
 
 
-def _optimizer_chain(optimizer: Any) -> list[Any]:
-    """The optimizer and the ones it wraps (a LossScaleOptimizer's inner one)."""
-    chain = []
-    while optimizer is not None:
-        chain.append(optimizer)
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return chain
-
-
-def _optimizer_reduction_can_be_skipped(optimizer: Any) -> bool:
-    return all(
-        hasattr(type(member), "_all_reduce_sum_gradients")
-        for member in _optimizer_chain(optimizer)
-    )
-
-
-def _gradients_are_reduced(grads_and_vars: Any) -> list[Any]:
-    return list(grads_and_vars)
-
-
-@contextlib.contextmanager
-def _gradients_already_reduced(optimizer: Any, strategy: tf.distribute.Strategy):
-    """Stops Keras's TF optimizer from all-reducing the gradients in `apply`.
-
-    In a replica context ``optimizer.apply`` sums the gradients over replicas
-    (``TFOptimizer._all_reduce_sum_gradients``). `_apply_window` has already
-    summed them, together with the sample count, in a single all-reduce, so
-    the optimizer's own would be a second one (and would sum the sums). It
-    also means clipping, which Keras applies before its all-reduce, sees the
-    window's whole gradient, as on one device. Entered in the cross-replica
-    context, around every replica's `apply`.
-    """
-    members = _optimizer_chain(optimizer)
-    if strategy.num_replicas_in_sync <= 1 or not _optimizer_reduction_can_be_skipped(
-        optimizer
-    ):
-        yield
-        return
-    for member in members:
-        member._all_reduce_sum_gradients = _gradients_are_reduced
-    try:
-        yield
-    finally:
-        for member in members:
-            del member._all_reduce_sum_gradients
-
-
-def _assign_total(variable: tf.Variable, value: Any, strategy: tf.distribute.Strategy) -> None:
-    """Restores a per-replica SUM variable so that its replicas add up to value."""
-    if variable.aggregation == tf.VariableAggregation.SUM:
-        share = value / strategy.num_replicas_in_sync
-        strategy.run(lambda: variable.assign(tf.cast(share, variable.dtype)))
-    else:
-        strategy.run(lambda: variable.assign(tf.cast(value, variable.dtype)))
-
-
-class _FlushAtEpochEnd(keras.callbacks.Callback):
-    """`fit`'s own callback, first in the list.
-
-    * Applies an incomplete window before validation and epoch-end callbacks
-      (with ``flush_at_epoch_end``), except after a non-finite loss stopped
-      training (`keras.callbacks.TerminateOnNaN`): that window is discarded,
-      so the weights keep the last complete update.
-    * Counts the micro-batches of the current epoch, which ``save_weights``
-      stores with the accumulation state. Keras's BackupAndRestore restores
-      weights and epoch in ``on_train_begin`` but replays the interrupted
-      epoch from its first batch; the micro-batches the restored state
-      already holds are then skipped (their data is drawn and dropped, no
-      step runs), so none is counted twice and none is lost. This needs the
-      replayed epoch to yield the same batches in the same order (e.g.
-      ``shuffle=False``, or a dataset whose order depends only on the epoch).
-    """
-
-    def __init__(self, model: AccumulatingModel):
-        super().__init__()
-        self._accumulating_model = model
-        self._last_loss_finite = True
-
-    def on_train_begin(self, logs: Any = None) -> None:
-        model = self._accumulating_model
-        model._epoch_micro_batches = 0
-        model._micro_batches_to_skip = 0
-        # Loads from here to the first epoch are restores for this fit.
-        model._restoring_in_fit = True
-
-    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        model = self._accumulating_model
-        model._restoring_in_fit = False
-        model._epoch_micro_batches = 0
-        self._last_loss_finite = True
-        to_skip = getattr(model, "_micro_batches_to_skip", 0)
-        model._micro_batches_to_skip = 0
-        if to_skip > 0:
-            model.train_function = _skipping_train_function(
-                model, model.train_function, to_skip
-            )
-
-    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        self._accumulating_model._epoch_micro_batches = batch + 1
-        loss = (logs or {}).get("loss")
-        if loss is not None:
-            self._last_loss_finite = bool(np.all(np.isfinite(loss)))
-
-    def on_train_end(self, logs: Any = None) -> None:
-        self._accumulating_model._restoring_in_fit = False
-
-    def _flush(self) -> None:
-        model = self._accumulating_model
-        if model.stop_training and not self._last_loss_finite:
-            if model.steps_accumulated:
-                warnings.warn(
-                    "Training stopped on a non-finite loss; the incomplete "
-                    f"window of {model.steps_accumulated} micro-batches holds "
-                    "it and is discarded, not applied. The weights are those "
-                    "of the last complete update.",
-                    stacklevel=2,
-                )
-                model.reset_accumulated_gradients()
-            return
-        if model.flush_at_epoch_end:
-            model.apply_accumulated_gradients()
-
-    def on_test_begin(self, logs: Any = None) -> None:
-        # Only reached from fit's validation: this callback is fit's own.
-        self._flush()
-
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        self._flush()
-
-
-def _skipping_train_function(model: AccumulatingModel, train_function: Any, count: int):
-    """``train_function`` that first drops ``count`` micro-batches of data.
-
-    Called once per Keras step, like the train function: while micro-batches
-    remain to skip, it draws them from the iterator and returns the (reset)
-    metrics without training; then it puts the real function back.
-    """
-    remaining = count
-
-    def function(iterator: Any):
-        nonlocal remaining
-        if remaining <= 0:
-            return train_function(iterator)
-        for _ in range(min(remaining, model.steps_per_execution)):
-            iterator.get_next()
-            remaining -= 1
-        if remaining == 0 and model.train_function is function:
-            model.train_function = train_function
-        return model.get_metrics_result()
-
-    return function
-
-
-def _with_flush_callback(callbacks: Any, model: AccumulatingModel) -> Any:
-    flush = _FlushAtEpochEnd(model)
-    if callbacks is None:
-        return [flush]
-    if isinstance(callbacks, keras.callbacks.CallbackList):
-        callbacks.callbacks.insert(0, flush)
-        flush.set_model(model)
-        return callbacks
-    return [flush, *callbacks]
+def _ids(variables: list[Any]) -> list[int]:
+    return [id(variable) for variable in variables]
