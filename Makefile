@@ -28,3 +28,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
 
 -include mk/*.mk
+
+# Executes the paper's notebook in place (200 epochs: reuses results/ runs).
+notebook: $(STAMP)
+	$(PY) notebooks/execute.py notebooks/gradient_accumulation.ipynb
