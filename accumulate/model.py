@@ -120,7 +120,8 @@ class AccumulatingModel(keras.Model):
                     "wrap a graph of layers use AccumulatingModel(inputs, "
                     "outputs, ...)."
                 )
-            cls = AccumulatingFunctional
+            if cls is AccumulatingModel:
+                cls = AccumulatingFunctional
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(

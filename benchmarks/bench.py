@@ -35,6 +35,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -69,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--epochs",
         type=int,
         default=None,
-        help="timed epochs per variant (default 15; 1 with --quick)",
+        help="timed epochs per variant (default 20; 1 with --quick)",
     )
     parser.add_argument(
         "--warmup", type=int, default=1, help="untimed epochs per variant first"
@@ -97,18 +98,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated glob patterns over variant labels, e.g. "
-        "'fit*,acc-epoch*,floor*' or '*jit=off, spe=1*'",
+        help="comma-separated glob patterns (* and ?; brackets are literal) over "
+        "variant labels, e.g. 'fit*,acc-epoch*,floor*' or '*jit=on spe=118]*'",
     )
     args = parser.parse_args(argv)
     if args.epochs is None:
-        args.epochs = 1 if args.quick else 15
+        args.epochs = 1 if args.quick else 20
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
     return args
 
 
 # -- Variants ---------------------------------------------------------------
+
+
+def _matches(label: str, pattern: str) -> bool:
+    """Glob match where ``*`` and ``?`` are wildcards and brackets are literal."""
+    literal_brackets = re.sub(r"([\[\]])", r"[\1]", pattern)
+    return fnmatch.fnmatchcase(label, literal_brackets)
 
 
 def _fit_variant(
@@ -122,6 +129,7 @@ def _fit_variant(
     accumulation_steps: int | str | None = None,
     gradient_accumulation_steps: int | None = None,
 ) -> harness.Variant:
+    """Compiles ``model`` and wraps one `fit` epoch of it as a variant."""
     harness.compile_for_fit(
         model,
         jit_compile=jit_compile,
@@ -139,8 +147,12 @@ def _fit_variant(
 
 
 def _notebook_variants(
-    images: np.ndarray, labels: np.ndarray, batch_size: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    wanted: Callable[[str], bool],
 ) -> list[harness.Variant]:
+    """The notebook's two eager loops, on the notebook's own float64 pipeline."""
     import keras
 
     from accumulate.notebook_loops import (
@@ -150,20 +162,27 @@ def _notebook_variants(
     )
     from accumulate.twins import build_mlp
 
+    loops = [
+        (name, loop)
+        for name, loop in [
+            ("notebook-standard", notebook_standard_epoch),
+            ("notebook-accumulating", notebook_accumulating_epoch),
+        ]
+        if wanted(f"{name} [eager]")
+    ]
+    if not loops:
+        return []
     dataset = make_notebook_dataset(images, labels, batch_size)
     loss_fn = harness.loss_function()
     variants = []
-    for name, loop in [
-        ("notebook-standard", notebook_standard_epoch),
-        ("notebook-accumulating", notebook_accumulating_epoch),
-    ]:
+    for name, loop in loops:
         keras.utils.set_random_seed(harness.SEED)
         model = build_mlp()
         optimizer = keras.optimizers.SGD(harness.LEARNING_RATE)
 
         def run_epoch(
             loop: Callable = loop, model: Any = model, optimizer: Any = optimizer
-        ) -> float:
+        ) -> harness.EpochTime:
             return harness.timed(
                 lambda: loop(model, optimizer, dataset, loss_fn),
                 lambda: model.trainable_variables[-1].numpy(),
@@ -201,21 +220,17 @@ def build_variants(
     ]
     jit_settings = [False, True]
     if quick:
-        fit_specs = [
-            spec for spec in fit_specs if spec[0] in ("fit", "acc-8", "acc-epoch")
-        ]
-        fit_specs.append((f"keras-ga-{batches}", "keras-ga", None, batches))
+        quick_names = {"fit", "acc-8", "acc-epoch", f"keras-ga-{batches}"}
+        fit_specs = [spec for spec in fit_specs if spec[0] in quick_names]
         jit_settings = [False]
 
     def wanted(label: str) -> bool:
-        return patterns is None or any(fnmatch.fnmatchcase(label, p) for p in patterns)
+        return patterns is None or any(_matches(label, p) for p in patterns)
 
     variants: list[harness.Variant] = []
     for jit_compile in jit_settings:
         for steps_per_execution in (1, batches):
-            settings = (
-                f"jit={'on' if jit_compile else 'off'}, spe={steps_per_execution}"
-            )
+            settings = f"jit={'on' if jit_compile else 'off'} spe={steps_per_execution}"
             for name, family, accumulation_steps, keras_steps in fit_specs:
                 if not wanted(f"{name} [{settings}]"):
                     continue
@@ -241,20 +256,41 @@ def build_variants(
             variants.append(
                 harness.floor_variant(build_mlp(), x, y, batch_size, jit_compile)
             )
-    variants += [
-        variant
-        for variant in _notebook_variants(images, labels, batch_size)
-        if wanted(variant.key)
-    ]
-    return variants
+    return variants + _notebook_variants(images, labels, batch_size, wanted)
 
 
 # -- Summaries --------------------------------------------------------------
 
+DEFAULT_FIT = "fit [jit=off spe=1]"
+TARGET_TO_FIT = 1.03
+TARGET_TO_FLOOR = 1.3
 
-def _median(rows: dict[str, dict[str, Any]], key: str) -> float | None:
-    row = rows.get(key)
-    return None if row is None else row["median_s"]
+
+def _reference_keys(variant: harness.Variant) -> tuple[str, str]:
+    """The plain-fit and floor rows a variant is compared with.
+
+    Keras variants: plain fit at the same jit and steps_per_execution, and
+    the floor at the same jit. Floors and notebook loops: plain fit at
+    Keras's defaults (jit off, spe 1) and the jit-off floor.
+    """
+    if variant.family in ("floor", "notebook"):
+        fit_key = DEFAULT_FIT
+    else:
+        fit_key = f"fit [{variant.settings}]"
+    return fit_key, f"floor [jit={'on' if variant.jit_compile else 'off'}]"
+
+
+def _pair(
+    measurements: dict[str, harness.Measurement], key: str, reference: str
+) -> dict[str, float] | None:
+    """Paired wall and CPU ratios of ``key`` to ``reference`` (None if absent)."""
+    if key not in measurements or reference not in measurements:
+        return None
+    mine, theirs = measurements[key], measurements[reference]
+    return {
+        "wall": harness.paired_ratio(mine.seconds, theirs.seconds),
+        "cpu": harness.paired_ratio(mine.cpu_seconds, theirs.cpu_seconds),
+    }
 
 
 def summarise(
@@ -262,107 +298,142 @@ def summarise(
     measurements: dict[str, harness.Measurement],
     num_samples: int,
 ) -> list[dict[str, Any]]:
-    """One JSON-ready row per variant, with its ratios.
+    """One JSON-ready row per variant, with its ratios (see `_reference_keys`).
 
-    ``ratio_to_fit`` compares with plain ``fit`` at the same jit and
-    steps_per_execution (the notebook loops and the floor: with plain fit at
-    Keras's defaults, jit off and spe 1). ``ratio_to_floor`` compares with
-    the floor at the same jit setting (the notebook loops: jit off).
+    Ratios are paired (`harness.paired_ratio`): the median over rounds of
+    this variant's epoch time over the reference's in the same round, for
+    wall time and for CPU time.
     """
-    rows = {}
+    rows = []
     for variant in variants:
         measurement = measurements[variant.key]
-        rows[variant.key] = {
-            "key": variant.key,
-            "name": variant.name,
-            "family": variant.family,
-            "settings": variant.settings,
-            "jit_compile": variant.jit_compile,
-            "steps_per_execution": variant.steps_per_execution,
-            "accumulation_steps": variant.accumulation_steps,
-            "epoch_seconds": measurement.seconds,
-            "warmup_seconds": measurement.warmup_seconds,
-            "median_s": measurement.median_seconds,
-            "min_s": min(measurement.seconds),
-            "samples_per_s": num_samples / measurement.median_seconds,
-            "peak_rss_mb": measurement.peak_rss_mb,
-            "rss_growth_mb": measurement.rss_growth_mb,
-        }
-    for variant in variants:
-        row = rows[variant.key]
-        if variant.family in ("floor", "notebook"):
-            fit_key = "fit [jit=off, spe=1]"
-        else:
-            fit_key = f"fit [{variant.settings}]"
-        jit = "on" if variant.jit_compile else "off"
-        floor_key = f"floor [jit={jit}]"
-        row["ratio_to_fit"] = harness.ratio(row["median_s"], _median(rows, fit_key))
-        row["ratio_to_floor"] = harness.ratio(row["median_s"], _median(rows, floor_key))
-    return list(rows.values())
+        fit_key, floor_key = _reference_keys(variant)
+        to_fit = _pair(measurements, variant.key, fit_key)
+        to_floor = _pair(measurements, variant.key, floor_key)
+        rows.append(
+            {
+                "key": variant.key,
+                "name": variant.name,
+                "family": variant.family,
+                "settings": variant.settings,
+                "jit_compile": variant.jit_compile,
+                "steps_per_execution": variant.steps_per_execution,
+                "accumulation_steps": variant.accumulation_steps,
+                "epoch_seconds": measurement.seconds,
+                "epoch_cpu_seconds": measurement.cpu_seconds,
+                "warmup_seconds": measurement.warmup_seconds,
+                "median_s": measurement.median_seconds,
+                "min_s": min(measurement.seconds),
+                "cpu_median_s": measurement.median_cpu_seconds,
+                "samples_per_s": num_samples / measurement.median_seconds,
+                "fit_reference": fit_key,
+                "floor_reference": floor_key,
+                "ratio_to_fit": to_fit and to_fit["wall"],
+                "cpu_ratio_to_fit": to_fit and to_fit["cpu"],
+                "ratio_to_floor": to_floor and to_floor["wall"],
+                "cpu_ratio_to_floor": to_floor and to_floor["cpu"],
+                "peak_rss_mb": measurement.peak_rss_mb,
+                "rss_growth_mb": measurement.rss_growth_mb,
+            }
+        )
+    return rows
 
 
-def key_ratios(rows: Sequence[dict[str, Any]], batches: int) -> dict[str, Any]:
-    """The headline comparisons, by settings where they depend on them."""
-    by_key = {row["key"]: row for row in rows}
-    settings_list = sorted(
-        {
+def reproduction_settings(batches: int) -> str:
+    """The settings `accumulate.training` trains the twins with."""
+    try:
+        from accumulate.training import JIT_COMPILE
+    except ImportError:  # the training module is optional for benchmarking
+        JIT_COMPILE = True
+    return f"jit={'on' if JIT_COMPILE else 'off'} spe={batches}"
+
+
+def key_ratios(
+    rows: Sequence[dict[str, Any]],
+    measurements: dict[str, harness.Measurement],
+    batches: int,
+) -> dict[str, Any]:
+    """The headline comparisons (paired wall and CPU ratios)."""
+    settings_list = list(
+        dict.fromkeys(
             row["settings"]
             for row in rows
-            if row["family"] != "notebook" and "spe" in row["settings"]
-        }
+            if row["family"] not in ("floor", "notebook")
+        )
     )
-    per_settings: dict[str, dict[str, float | None]] = {}
+    ours = ["1", "8", str(batches), "epoch"]
+    keras_ga = f"keras-ga-{batches}"
+    per_settings: dict[str, dict[str, Any]] = {}
     for settings in settings_list:
-        fit = _median(by_key, f"fit [{settings}]")
-        keras_ga = _median(by_key, f"keras-ga-{batches} [{settings}]")
-        jit = settings.split(",")[0]
-        floor = _median(by_key, f"floor [{jit}]")
-        entry: dict[str, float | None] = {}
-        for steps in ("1", "8", str(batches), "epoch"):
-            ours = _median(by_key, f"acc-{steps} [{settings}]")
-            entry[f"acc-{steps}/fit"] = harness.ratio(ours, fit)
-            entry[f"acc-{steps}/floor"] = harness.ratio(ours, floor)
-        entry[f"acc-{batches}/keras-ga-{batches}"] = harness.ratio(
-            _median(by_key, f"acc-{batches} [{settings}]"), keras_ga
-        )
-        entry[f"acc-epoch/keras-ga-{batches}"] = harness.ratio(
-            _median(by_key, f"acc-epoch [{settings}]"), keras_ga
-        )
-        entry[f"keras-ga-{batches}/fit"] = harness.ratio(keras_ga, fit)
-        entry["fit/floor"] = harness.ratio(fit, floor)
+        fit = f"fit [{settings}]"
+        floor = f"floor [{settings.split()[0]}]"
+        entry = {
+            f"acc-{steps}/fit": _pair(measurements, f"acc-{steps} [{settings}]", fit)
+            for steps in ours
+        }
+        entry |= {
+            f"acc-{steps}/floor": _pair(
+                measurements, f"acc-{steps} [{settings}]", floor
+            )
+            for steps in ours
+        }
+        for steps in (str(batches), "epoch"):
+            entry[f"acc-{steps}/{keras_ga}"] = _pair(
+                measurements, f"acc-{steps} [{settings}]", f"{keras_ga} [{settings}]"
+            )
+        entry[f"{keras_ga}/fit"] = _pair(measurements, f"{keras_ga} [{settings}]", fit)
+        entry["fit/floor"] = _pair(measurements, fit, floor)
         per_settings[settings] = {k: v for k, v in entry.items() if v is not None}
 
-    def best(family: str, name: str | None = None) -> dict[str, Any] | None:
+    def best(family: str, name: str | None = None) -> str | None:
         candidates = [
             row
             for row in rows
             if row["family"] == family and (name is None or row["name"] == name)
         ]
-        return min(candidates, key=lambda row: row["median_s"]) if candidates else None
+        if not candidates:
+            return None
+        return min(candidates, key=lambda row: row["median_s"])["key"]
 
-    best_fit = best("keras-fit")
+    best_fit, best_floor = best("keras-fit"), best("floor")
     best_epoch = best("accumulating", "acc-epoch")
-    best_floor = best("floor")
-    summary: dict[str, Any] = {"per_settings": per_settings}
-    for label, row in [
-        ("best_fit", best_fit),
-        ("best_acc_epoch", best_epoch),
-        ("best_floor", best_floor),
-    ]:
-        summary[label] = (
-            None if row is None else {"key": row["key"], "median_s": row["median_s"]}
-        )
-    floor_s = best_floor and best_floor["median_s"]
-    fit_s = best_fit and best_fit["median_s"]
-    epoch_s = best_epoch and best_epoch["median_s"]
-    summary["best_fit/best_floor"] = harness.ratio(fit_s, floor_s)
-    summary["best_acc_epoch/best_floor"] = harness.ratio(epoch_s, floor_s)
-    summary["notebook-standard/best_fit"] = harness.ratio(
-        _median(by_key, "notebook-standard [eager]"), fit_s
-    )
-    summary["notebook-accumulating/best_acc_epoch"] = harness.ratio(
-        _median(by_key, "notebook-accumulating [eager]"), epoch_s
-    )
+    summary: dict[str, Any] = {
+        "ratio_method": "median over rounds of per-round ratios (paired)",
+        "best_fit": best_fit,
+        "best_acc_epoch": best_epoch,
+        "best_floor": best_floor,
+        "best_fit/best_floor": best_fit
+        and best_floor
+        and _pair(measurements, best_fit, best_floor),
+        "best_acc_epoch/best_floor": best_epoch
+        and best_floor
+        and _pair(measurements, best_epoch, best_floor),
+        "notebook-standard/best_fit": best_fit
+        and _pair(measurements, "notebook-standard [eager]", best_fit),
+        "notebook-accumulating/best_acc_epoch": best_epoch
+        and _pair(measurements, "notebook-accumulating [eager]", best_epoch),
+        "per_settings": per_settings,
+    }
+
+    reproduction = reproduction_settings(batches)
+    checks = per_settings.get(reproduction, {})
+    targets: dict[str, Any] = {"settings": reproduction}
+    for steps in ("8", str(batches), "epoch"):
+        to_fit = checks.get(f"acc-{steps}/fit")
+        to_floor = checks.get(f"acc-{steps}/floor")
+        if to_fit is None or to_floor is None:
+            continue
+        targets[f"acc-{steps}"] = {
+            "to_fit": to_fit,
+            "to_floor": to_floor,
+            f"to_fit<={TARGET_TO_FIT}": {
+                k: v <= TARGET_TO_FIT for k, v in to_fit.items()
+            },
+            f"to_floor<={TARGET_TO_FLOOR}": {
+                k: v <= TARGET_TO_FLOOR for k, v in to_floor.items()
+            },
+        }
+    summary["targets"] = targets
     return summary
 
 
@@ -372,20 +443,26 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
         "variant",
         "s/epoch",
         "min s",
+        "CPU s",
         "samples/s",
         "x fit",
+        "x fit CPU",
         "x floor",
+        "x floor CPU",
         "peak RSS MB",
-        "+MB in epoch",
+        "+MB",
     ]
     body = [
         [
             row["key"],
             f"{row['median_s']:.3f}",
             f"{row['min_s']:.3f}",
+            f"{row['cpu_median_s']:.3f}",
             f"{row['samples_per_s']:,.0f}",
             harness.format_ratio(row["ratio_to_fit"]),
+            harness.format_ratio(row["cpu_ratio_to_fit"]),
             harness.format_ratio(row["ratio_to_floor"]),
+            harness.format_ratio(row["cpu_ratio_to_floor"]),
             f"{row['peak_rss_mb']:.0f}",
             f"{row['rss_growth_mb']:.1f}",
         ]
@@ -400,6 +477,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     labels = [row["key"] for row in rows]
     seconds = [row["median_s"] for row in rows]
@@ -409,6 +487,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     axes.barh(positions, seconds, color=colours)
     axes.set_yticks(positions, labels, fontsize=8)
     axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes.tick_params(axis="x", which="minor", labelsize=7)
     axes.set_xlabel("seconds per training epoch (median; log scale)")
     for position, row in zip(positions, rows, strict=True):
         note = f" {row['median_s']:.3f}s"
@@ -478,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rows = summarise(variants, measurements, len(images))
     table = render_table(rows)
-    ratios = key_ratios(rows, batches)
+    ratios = key_ratios(rows, measurements, batches)
     print()
     print(table)
     print()

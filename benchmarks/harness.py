@@ -155,6 +155,30 @@ def _sync(model: Any) -> None:
     model.trainable_variables[-1].numpy()
 
 
+@dataclass(frozen=True)
+class EpochTime:
+    """How long one epoch took: wall-clock and process CPU seconds.
+
+    CPU time (all threads of the process) barely moves when other jobs take
+    the cores away from us, so on a shared machine it is the steadier of the
+    two; wall time is what a user waits for.
+    """
+
+    wall: float
+    cpu: float
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+
+    def stop(self) -> EpochTime:
+        return EpochTime(
+            time.perf_counter() - self._wall, time.process_time() - self._cpu
+        )
+
+
 class EpochTimer(keras.callbacks.Callback):
     """A Keras callback timing the training part of each epoch.
 
@@ -165,30 +189,30 @@ class EpochTimer(keras.callbacks.Callback):
 
     def __init__(self) -> None:
         super().__init__()
-        self.seconds: list[float] = []
-        self._start = 0.0
+        self.times: list[EpochTime] = []
+        self._clock = _Clock()
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        self._start = time.perf_counter()
+        self._clock = _Clock()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         _sync(self.model)
-        self.seconds.append(time.perf_counter() - self._start)
+        self.times.append(self._clock.stop())
 
 
-def fit_one_epoch(model: Any, dataset: tf.data.Dataset) -> float:
-    """Runs one `fit` epoch (no validation) and returns its training seconds."""
+def fit_one_epoch(model: Any, dataset: tf.data.Dataset) -> EpochTime:
+    """Runs one `fit` epoch (no validation) and returns its training time."""
     timer = EpochTimer()
     model.fit(dataset, epochs=1, verbose=0, callbacks=[timer], shuffle=False)
-    return timer.seconds[-1]
+    return timer.times[-1]
 
 
-def timed(run: Callable[[], Any], sync: Callable[[], Any]) -> float:
-    """Seconds taken by ``run()`` followed by ``sync()``."""
-    start = time.perf_counter()
+def timed(run: Callable[[], Any], sync: Callable[[], Any]) -> EpochTime:
+    """Time taken by ``run()`` followed by ``sync()``."""
+    clock = _Clock()
     run()
     sync()
-    return time.perf_counter() - start
+    return clock.stop()
 
 
 # -- Memory -----------------------------------------------------------------
@@ -244,22 +268,22 @@ class Variant:
 
     name: str
     family: str
-    run_epoch: Callable[[], float]
+    run_epoch: Callable[[], EpochTime]
     jit_compile: bool | None = None
     steps_per_execution: int | None = None
     accumulation_steps: int | str | None = None
-    warm_up: Callable[[], float] | None = None
+    warm_up: Callable[[], EpochTime] | None = None
     """Runs an untimed warm-up epoch; `run_epoch` when None."""
 
     @property
     def settings(self) -> str:
-        """``jit=on|off, spe=N`` (or ``eager`` for the notebook's loops)."""
+        """``jit=on|off spe=N`` (or ``eager`` for the notebook's loops)."""
         if self.jit_compile is None and self.steps_per_execution is None:
             return "eager"
         jit = "on" if self.jit_compile else "off"
         if self.steps_per_execution is None:
             return f"jit={jit}"
-        return f"jit={jit}, spe={self.steps_per_execution}"
+        return f"jit={jit} spe={self.steps_per_execution}"
 
     @property
     def key(self) -> str:
@@ -269,9 +293,14 @@ class Variant:
 
 @dataclass
 class Measurement:
-    """Timings and memory of one variant across its timed epochs."""
+    """Timings and memory of one variant across its timed epochs.
+
+    ``seconds[i]`` and ``cpu_seconds[i]`` come from round ``i``, so two
+    variants' lists pair up epoch by epoch (see `paired_ratio`).
+    """
 
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     warmup_seconds: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     rss_growth_mb: float = 0.0
@@ -279,6 +308,40 @@ class Measurement:
     @property
     def median_seconds(self) -> float:
         return float(np.median(self.seconds))
+
+    @property
+    def median_cpu_seconds(self) -> float:
+        return float(np.median(self.cpu_seconds))
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of the per-round ratio of two variants' epoch times.
+
+    Both were timed in the same round, a few seconds apart, so a slow spell
+    of the machine hits both; the median then drops the spells that hit only
+    one of them.
+    """
+    return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
+
+
+def _round_order(variants: Sequence[Variant], round_index: int) -> list[Variant]:
+    """This round's order: settings groups kept together, both rotated.
+
+    Variants with the same settings (the ones compared with each other) run
+    back to back, so their epochs are seconds apart; rotating the groups and
+    the variants inside each group means nobody always runs first or after
+    the same neighbour.
+    """
+    groups: dict[str, list[Variant]] = {}
+    for variant in variants:
+        groups.setdefault(variant.settings, []).append(variant)
+    group_list = list(groups.values())
+    shift = round_index % len(group_list)
+    order = []
+    for group in group_list[shift:] + group_list[:shift]:
+        inner = round_index % len(group)
+        order += group[inner:] + group[:inner]
+    return order
 
 
 def measure_round_robin(
@@ -289,32 +352,35 @@ def measure_round_robin(
 ) -> dict[str, Measurement]:
     """Warms every variant up, then times ``epochs`` epochs of each, interleaved.
 
-    Each round runs one epoch of every variant; the order rotates by one
-    every round so no variant always follows the same neighbour. Peak RSS is
-    the highest kernel peak-RSS mark seen during the variant's timed epochs
-    (reset before each epoch); growth is that peak minus the RSS just before.
+    Each round runs one epoch of every variant (see `_round_order`). Peak RSS
+    is the highest kernel peak-RSS mark seen during the variant's timed
+    epochs (reset before each epoch); growth is that peak minus the RSS just
+    before the epoch.
     """
     results = {variant.key: Measurement() for variant in variants}
     for variant in variants:
         for _ in range(warmup):
             gc.collect()
             warm_up = variant.warm_up or variant.run_epoch
-            results[variant.key].warmup_seconds.append(warm_up())
-        log(f"  warmed up {variant.key}: {results[variant.key].warmup_seconds}")
-    order = list(variants)
+            results[variant.key].warmup_seconds.append(warm_up().wall)
+        warmups = ", ".join(f"{s:.2f}" for s in results[variant.key].warmup_seconds)
+        log(f"  warmed up {variant.key}: {warmups} s")
     for round_index in range(epochs):
-        rotation = round_index % len(order)
-        for variant in order[rotation:] + order[:rotation]:
+        round_start = time.perf_counter()
+        for variant in _round_order(variants, round_index):
             gc.collect()
             before = current_rss_mb()
             reset_peak_rss()
-            seconds = variant.run_epoch()
+            epoch_time = variant.run_epoch()
             peak = peak_rss_mb()
             measurement = results[variant.key]
-            measurement.seconds.append(seconds)
+            measurement.seconds.append(epoch_time.wall)
+            measurement.cpu_seconds.append(epoch_time.cpu)
             measurement.peak_rss_mb = max(measurement.peak_rss_mb, peak)
             measurement.rss_growth_mb = max(measurement.rss_growth_mb, peak - before)
-        log(f"  round {round_index + 1}/{epochs} done")
+        seconds = time.perf_counter() - round_start
+        load = os.getloadavg()[0]
+        log(f"  round {round_index + 1}/{epochs}: {seconds:.1f} s, load {load:.2f}")
     return results
 
 
@@ -387,7 +453,7 @@ def floor_variant(
     """The floor as a `Variant` (settings: its jit flag only)."""
     epoch = make_floor_epoch(model, x, y, batch_size, jit_compile)
 
-    def run_epoch() -> float:
+    def run_epoch() -> EpochTime:
         return timed(epoch, lambda: _sync(model))
 
     return Variant("floor", "floor", run_epoch, jit_compile=jit_compile)

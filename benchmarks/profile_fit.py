@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     summary: dict[str, Any] = {"meta": harness.environment_info(args.threads)}
     for jit_compile, steps_per_execution in ((False, 1), (True, batches)):
-        settings = f"jit={'on' if jit_compile else 'off'}, spe={steps_per_execution}"
+        settings = f"jit={'on' if jit_compile else 'off'} spe={steps_per_execution}"
         tag = f"jit{int(jit_compile)}-spe{steps_per_execution}"
         section: dict[str, Any] = {}
         for name, steps in VARIANTS:

@@ -10,10 +10,10 @@ BENCH_ENV := TF_CPP_MIN_LOG_LEVEL=2
 .PHONY: bench bench-scaling bench-quick profile
 
 bench: $(STAMP)
-	$(BENCH_ENV) $(PY) benchmarks/bench.py --data-dir $(DATA_DIR) --out results $(BENCH_ARGS)
+	$(BENCH_ENV) $(PY) benchmarks/bench.py --data-dir $(ACCUMULATE_DATA_DIR) --out results $(BENCH_ARGS)
 
 bench-scaling: $(STAMP)
-	$(BENCH_ENV) $(PY) benchmarks/scaling.py --data-dir $(DATA_DIR) --out results $(BENCH_ARGS)
+	$(BENCH_ENV) $(PY) benchmarks/scaling.py --data-dir $(ACCUMULATE_DATA_DIR) --out results $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
 	$(BENCH_ENV) $(PY) benchmarks/bench.py --quick --out /tmp/accumulate-bench $(BENCH_ARGS)
@@ -21,4 +21,4 @@ bench-quick: $(STAMP)
 
 profile: $(STAMP)
 	$(PY) -m pip install --quiet pyinstrument
-	$(BENCH_ENV) $(PY) benchmarks/profile_fit.py --data-dir $(DATA_DIR) --out results/profile $(BENCH_ARGS)
+	$(BENCH_ENV) $(PY) benchmarks/profile_fit.py --data-dir $(ACCUMULATE_DATA_DIR) --out results/profile $(BENCH_ARGS)

@@ -64,15 +64,19 @@ def test_bench_writes_json_and_png(bench_output: Path) -> None:
         assert row["median_s"] > 0
         assert row["samples_per_s"] > 0
         assert row["peak_rss_mb"] > 0
-        assert row["ratio_to_fit"] is not None
-        assert row["ratio_to_floor"] is not None
+        assert len(row["epoch_cpu_seconds"]) == report["meta"]["timed_epochs"]
+        for ratio in ("ratio_to_fit", "cpu_ratio_to_fit", "ratio_to_floor"):
+            assert row[ratio] is not None and row[ratio] > 0
     keys = {row["key"] for row in report["results"]}
     assert "fit [jit=off spe=1]" in keys
     assert "acc-epoch [jit=off spe=1]" in keys
     assert "notebook-accumulating [eager]" in keys
     fit = next(row for row in report["results"] if row["key"] == "fit [jit=off spe=1]")
     assert fit["ratio_to_fit"] == pytest.approx(1.0)
-    assert report["ratios"]["per_settings"]["jit=off spe=1"]["acc-epoch/fit"] > 0
+    assert fit["cpu_ratio_to_fit"] == pytest.approx(1.0)
+    paired = report["ratios"]["per_settings"]["jit=off spe=1"]["acc-epoch/fit"]
+    assert set(paired) == {"wall", "cpu"}
+    assert all(value > 0 for value in paired.values())
 
 
 def test_scaling_writes_json_and_png(scaling_output: Path) -> None:

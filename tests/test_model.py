@@ -484,3 +484,20 @@ def test_batch_normalization_and_dropout_still_train():
     history = model.fit(x_train, y_train, batch_size=16, epochs=8, verbose=0)
     assert int(model.optimizer.iterations) == 8 * math.ceil(256 / 16 / 4)
     assert history.history["loss"][-1] < 0.8 * history.history["loss"][0]
+
+
+def test_subclass_of_the_functional_form_keeps_its_class():
+    class Named(type(AccumulatingModel(*_graph()))):
+        pass
+
+    model = Named(*_graph(), accumulation_steps=2)
+    assert type(model) is Named
+    model.compile(optimizer="sgd", loss=LOSS)
+    x, y, _ = data(16, seed=17)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == 2
+
+
+def test_subclass_given_inputs_and_outputs_is_refused():
+    with pytest.raises(TypeError, match="subclasses define call"):
+        SubclassedNet(*_graph())
