@@ -21,8 +21,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 --durations=15
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check accumulate tests benchmarks
-	$(VENV)/bin/ruff format --check accumulate tests benchmarks
+	$(VENV)/bin/ruff check accumulate tests benchmarks examples notebooks
+	$(VENV)/bin/ruff format --check accumulate tests benchmarks examples notebooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
