@@ -525,19 +525,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns the process exit code."""
     args = parse_args(argv)
-    if args.pin_cpus:
-        harness.pin_to_cpus([int(cpu) for cpu in args.pin_cpus.split(",")])
-    harness.configure_threads(args.threads)
-    harness.quiet_tensorflow()
-    info = harness.environment_info(args.threads)
+    info, images, labels, data = harness.start(args)
     started = time.perf_counter()
-
-    if args.quick:
-        images, labels = harness.synthetic_mnist(harness.QUICK_SAMPLES)
-        data = f"synthetic ({len(images)} samples)"
-    else:
-        images, labels = harness.load_mnist_train(args.data_dir)
-        data = f"MNIST train ({len(images)} samples)"
     batch_size = harness.BATCH_SIZE
     batches = harness.num_batches(len(images), batch_size)
     patterns = [p.strip() for p in args.only.split(",")] if args.only else None

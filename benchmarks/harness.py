@@ -488,3 +488,21 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 def format_ratio(value: float | None) -> str:
     """``1.234x`` or ``-``."""
     return "-" if value is None else f"{value:.3f}x"
+
+
+def start(args: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, str]:
+    """Pins threads and CPUs as ``args`` say, then loads the data to time.
+
+    Returns the environment description, the images and labels, and a line
+    saying what the data is (``--quick``: small synthetic MNIST).
+    """
+    if args.pin_cpus:
+        pin_to_cpus([int(cpu) for cpu in args.pin_cpus.split(",")])
+    configure_threads(args.threads)
+    quiet_tensorflow()
+    info = environment_info(args.threads)
+    if args.quick:
+        images, labels = synthetic_mnist(QUICK_SAMPLES)
+        return info, images, labels, f"synthetic ({len(images)} samples)"
+    images, labels = load_mnist_train(args.data_dir)
+    return info, images, labels, f"MNIST train ({len(images)} samples)"

@@ -480,19 +480,8 @@ def plot(
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs both sweeps; returns the process exit code."""
     args = parse_args(argv)
-    if args.pin_cpus:
-        harness.pin_to_cpus([int(cpu) for cpu in args.pin_cpus.split(",")])
-    harness.configure_threads(args.threads)
-    harness.quiet_tensorflow()
-    info = harness.environment_info(args.threads)
+    info, images, labels, data = harness.start(args)
     started = time.perf_counter()
-
-    if args.quick:
-        images, labels = harness.synthetic_mnist(harness.QUICK_SAMPLES)
-        data = f"synthetic ({len(images)} samples)"
-    else:
-        images, labels = harness.load_mnist_train(args.data_dir)
-        data = f"MNIST train ({len(images)} samples)"
     x, y = harness.to_float(images, labels)
     batches = harness.num_batches(len(x), harness.BATCH_SIZE)
     steps_values: list[int | str] = (
