@@ -11,18 +11,10 @@ import pytest
 
 from accumulate.cli import main
 from accumulate.results import load_result
-from tests.tiny_data import write_tiny_data_dir
+from tests.tiny_data import REPORT_FILES, write_tiny_data_dir
 
 SEEDS = ("42", "7")
 BATCH_SIZE = 64
-REPORT_FILES = (
-    "curves.png",
-    "updates.png",
-    "confusion.png",
-    "classification-report-standard.txt",
-    "classification-report-accumulating.txt",
-    "report.md",
-)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from accumulate.config import ExperimentConfig
 from accumulate.reference import load_reference
 from accumulate.report import build_report
 from accumulate.results import result_path, save_result
+from tests.tiny_data import REPORT_FILES
 
 EPOCHS = 4
 TEST_SAMPLES = 50
@@ -73,14 +74,7 @@ def results_dir(tmp_path):
 def test_writes_every_file(results_dir):
     written = build_report(results_dir)
     names = {path.name for path in written}
-    assert names == {
-        "curves.png",
-        "updates.png",
-        "confusion.png",
-        "classification-report-standard.txt",
-        "classification-report-accumulating.txt",
-        "report.md",
-    }
+    assert names == set(REPORT_FILES)
     assert all(path.parent == results_dir / "mnist" for path in written)
 
 

@@ -48,3 +48,14 @@ def write_tiny_data_dir(
         for stem, array in files.items():
             (directory / f"{stem}.gz").write_bytes(gzip.compress(_idx_bytes(array)))
     return root
+
+
+# What `build_report` writes into each dataset folder.
+REPORT_FILES = (
+    "curves.png",
+    "updates.png",
+    "confusion.png",
+    "classification-report-standard.txt",
+    "classification-report-accumulating.txt",
+    "report.md",
+)
