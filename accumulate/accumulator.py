@@ -45,6 +45,10 @@ _COUNTER = {
 }
 
 
+def _do_nothing() -> None:
+    return None
+
+
 def _accumulation_dtype(dtype: tf.DType | str) -> tf.DType:
     # Half-precision sums of many micro-batches lose the small ones; keep
     # float32 (or wider) whatever the variable's dtype.
@@ -84,8 +88,8 @@ class GradientAccumulator(tf.Module):
             # float32 counts are exact up to 2**24 samples per window and
             # past that err by less than float32 gradients already do.
             self.samples = tf.Variable(0.0, name="samples", **_PER_REPLICA)
-            # Every replica runs the same number of micro-batches, so one
-            # replica's counts are the global counts.
+            # Micro-batches in the window. Every replica is told the same
+            # `counts`, so one replica's count is the global count.
             self.steps = tf.Variable(0, dtype=tf.int64, name="steps", **_COUNTER)
             # Not part of the window: how far into the epoch training is, so
             # that a run restored mid-epoch knows what it already holds.
@@ -93,28 +97,72 @@ class GradientAccumulator(tf.Module):
                 0, dtype=tf.int64, name="micro_batches_this_epoch", **_COUNTER
             )
         self.variable_dtypes = [tf.as_dtype(variable.dtype) for variable in variables]
+        # The variables the window is for, kept out of checkpoint tracking
+        # (they are the model's, saved there): object.__setattr__ skips
+        # tf.Module's tracking, so they are not saved twice.
+        object.__setattr__(self, "_variables", tuple(variables))
         # Which variables receive a gradient is known when the train step is
         # traced; the window is applied with `None` for the others so that the
         # optimizer leaves them alone, as in a standard step.
         self.connected: list[bool] | None = None
 
     def add(
-        self, gradients: Sequence[tf.Tensor | None], weight: tf.Tensor | float
+        self,
+        gradients: Sequence[tf.Tensor | None],
+        weight: tf.Tensor | float,
+        gradient_scale: tf.Tensor | float | None = None,
     ) -> None:
-        """Adds ``weight * gradient`` for each variable and counts the samples."""
+        """Folds one micro-batch in: ``weight * gradient`` and its weight.
+
+        Args:
+            gradients: one per variable, ``None`` where a variable gets none.
+            weight: the micro-batch's share of the window (its loss's
+                denominator, see `AccumulatingModel.micro_batch_weight`).
+            gradient_scale: what the gradients are multiplied by (a loss
+                scale); they are stored divided by it, so that a window can be
+                applied with whatever scale the optimizer has by then.
+
+        A micro-batch of weight 0 (no samples, or only padding) adds nothing
+        and is not counted as a step of the window, so it can neither
+        complete a window nor poison it with the NaN gradient of a 0/0 loss.
+        Every update here depends on the micro-batch's data: a train step
+        that finds no data (Keras's end-of-data step on a dataset of unknown
+        length) fails at ``get_next`` and changes nothing here.
+        """
         self.connected = [gradient is not None for gradient in gradients]
         weight = tf.cast(weight, tf.float32)
-        for gradient_sum, gradient in zip(self.gradient_sums, gradients, strict=True):
-            if gradient is None:
-                continue
-            gradient = tf.convert_to_tensor(gradient)  # densifies IndexedSlices
-            gradient_sum.assign_add(
-                tf.cast(gradient, gradient_sum.dtype)
-                * tf.cast(weight, gradient_sum.dtype)
-            )
-        self.samples.assign_add(weight)
-        self.steps.assign_add(1)
-        self.micro_batches_this_epoch.assign_add(1)
+        counts = weight > 0.0
+        factor = weight if gradient_scale is None else weight / gradient_scale
+
+        def add_micro_batch() -> None:
+            for gradient_sum, gradient in zip(
+                self.gradient_sums, gradients, strict=True
+            ):
+                if gradient is None:
+                    continue
+                gradient = tf.convert_to_tensor(gradient)  # densifies IndexedSlices
+                gradient_sum.assign_add(
+                    tf.cast(gradient, gradient_sum.dtype)
+                    * tf.cast(factor, gradient_sum.dtype)
+                )
+            self.samples.assign_add(weight)
+
+        # A branch, not a product with 0: 0 * NaN is NaN.
+        tf.cond(counts, add_micro_batch, _do_nothing)
+        self.steps.assign_add(tf.cast(counts, tf.int64))
+
+    def count_micro_batch(self, batch_size: tf.Tensor) -> None:
+        """Counts one micro-batch drawn from the data this epoch, empty or not.
+
+        The count is computed from ``batch_size`` (a tensor of the
+        micro-batch) so that it does not run when the step finds no data.
+        """
+        self.micro_batches_this_epoch.assign_add(tf.cast(batch_size >= 0, tf.int64))
+
+    @property
+    def accumulated_variables(self) -> tuple[tf.Variable, ...]:
+        """The variables the window's gradients are for, in order."""
+        return self._variables
 
     def gradient_sum_values(self) -> list[tf.Tensor | None]:
         """This replica's weighted sums, ``None`` for variables without gradient."""

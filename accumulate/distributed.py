@@ -129,7 +129,8 @@ def assign_total(
 
 def first_replica_batch(iterator: Any, strategy: tf.distribute.Strategy) -> Any:
     """This worker's first replica's first batch, for a symbolic build."""
-    for _, _, batches in iterator:
+    # keras 3.11+ yields (begin_step, end_step, batches), 3.10 (step, batches).
+    for *_, batches in iterator:
         return tf.nest.map_structure(
             lambda value: (
                 strategy.experimental_local_results(value)[0]

@@ -8,12 +8,9 @@ batch-end callbacks asynchronously and the train loop never waits on the host.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
-
-if TYPE_CHECKING:
-    from accumulate.model import AccumulatingModel
 
 
 class EpochBoundaries(keras.callbacks.Callback):
@@ -35,7 +32,7 @@ class EpochBoundaries(keras.callbacks.Callback):
       (``shuffle=False``, or an order that depends only on the epoch).
     """
 
-    def __init__(self, model: AccumulatingModel):
+    def __init__(self, model: keras.Model):
         super().__init__()
         self._accumulating_model = model
         self._first_epoch_of_fit = True
@@ -68,6 +65,11 @@ class EpochBoundaries(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self._flush()
+        state = self._accumulating_model._accumulation
+        if state is not None:
+            # The epoch is complete: a checkpoint taken now (BackupAndRestore
+            # with save_freq="epoch") resumes at the next epoch's first batch.
+            state.start_epoch()
 
     def _flush(self) -> None:
         model = self._accumulating_model
@@ -86,7 +88,7 @@ class EpochBoundaries(keras.callbacks.Callback):
             model.apply_accumulated_gradients()
 
 
-def _skipping(model: AccumulatingModel, train_function: Any, count: int) -> Any:
+def _skipping(model: keras.Model, train_function: Any, count: int) -> Any:
     """``train_function`` that first drops ``count`` micro-batches of data.
 
     Called once per Keras step, like the train function: while micro-batches
@@ -109,7 +111,7 @@ def _skipping(model: AccumulatingModel, train_function: Any, count: int) -> Any:
     return skip_then_train
 
 
-def with_epoch_boundaries(callbacks: Any, model: AccumulatingModel) -> Any:
+def with_epoch_boundaries(callbacks: Any, model: keras.Model) -> Any:
     """``callbacks`` with an `EpochBoundaries` for ``model`` in front."""
     boundaries = EpochBoundaries(model)
     if callbacks is None:

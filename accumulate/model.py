@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
@@ -15,6 +17,9 @@ from accumulate.fit_callback import with_epoch_boundaries
 
 EPOCH = "epoch"
 _STATE_KEY = "accumulation_state_"
+# Frames between Keras's cloning function and our constructor: type.__call__
+# adds none, a subclass's own __init__ one each.
+_CLONE_FRAME_SEARCH_DEPTH = 6
 
 
 def validate_accumulation_steps(accumulation_steps: Any) -> int | str:
@@ -39,6 +44,14 @@ def validate_accumulation_steps(accumulation_steps: Any) -> int | str:
 def _batch_size(x: Any) -> tf.Tensor:
     first_input = next(t for t in tf.nest.flatten(x) if t is not None)
     return tf.shape(first_input)[0]
+
+
+def _loss_scale(optimizer: Any) -> tf.Tensor | float | None:
+    """What ``optimizer.scale_loss`` multiplies the loss by, or ``None`` for 1."""
+    scale = optimizer.scale_loss(1.0)
+    if isinstance(scale, numbers.Number) and scale == 1.0:
+        return None
+    return scale
 
 
 def _is_functional_call(args: tuple, kwargs: dict) -> bool:
@@ -206,11 +219,16 @@ class AccumulatingModel(keras.Model):
             # corrupts steps where some replicas get an empty micro-batch).
             with tf.init_scope():
                 self._build_accumulation_state()
-        weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
-        self._accumulation.add(gradients, weight)
+        state = self._accumulation
+        state.count_micro_batch(_batch_size(x))
+        state.add(
+            gradients,
+            self.micro_batch_weight(x, y, y_pred, sample_weight),
+            gradient_scale=_loss_scale(self.optimizer),
+        )
         if self._accumulation_steps != EPOCH:
             distributed.cond_in_cross_replica_context(
-                self._accumulation.steps >= self._accumulation_steps,
+                state.steps >= self._accumulation_steps,
                 self._apply_window,
                 self.optimizer,
             )
@@ -274,13 +292,20 @@ class AccumulatingModel(keras.Model):
 
     def _apply_window(self) -> None:
         """One optimizer update on the window's mean gradient, then reset."""
-        accumulation = self._accumulation
+        state = self._accumulation
         gradient_sums, total_samples = distributed.all_reduce_window(
-            accumulation.gradient_sum_values(), accumulation.samples.read_value()
+            state.gradient_sum_values(), state.samples.read_value()
         )
-        gradients = accumulation.mean_gradients(total_samples, gradient_sums)
-        self.optimizer.apply(gradients, self.trainable_variables)
-        accumulation.reset()
+        gradients = state.mean_gradients(total_samples, gradient_sums)
+        scale = _loss_scale(self.optimizer)
+        if scale is not None:
+            # The sums are unscaled; the optimizer unscales what it is given.
+            gradients = [
+                None if gradient is None else gradient * tf.cast(scale, gradient.dtype)
+                for gradient in gradients
+            ]
+        self.optimizer.apply(gradients, list(state.accumulated_variables))
+        state.reset()
 
     # -- Applying and discarding windows by hand -------------------------------
 
@@ -289,9 +314,17 @@ class AccumulatingModel(keras.Model):
 
         `fit` calls this at the end of each epoch unless
         ``flush_at_epoch_end=False``; call it yourself after `train_on_batch`
-        in ``"epoch"`` mode, or to apply a carried-over partial window.
+        in ``"epoch"`` mode, or to apply a carried-over partial window. The
+        window is applied with the optimizer the model has now (after a
+        `compile`, the new one) to the variables it was accumulated for,
+        even if ``trainable`` changed since.
         """
-        self._build_accumulation_state()
+        state = self._accumulation
+        if state is None:
+            return
+        with self.distribute_strategy.scope():
+            if not self.optimizer.built:
+                self.optimizer.build(list(state.accumulated_variables))
         if self._apply_function is None:
 
             @tf.function
@@ -328,6 +361,11 @@ class AccumulatingModel(keras.Model):
                 "None and set AccumulatingModel(accumulation_steps=...) instead."
             )
         super().compile(optimizer, *args, **kwargs)
+        # A pending window is kept and applied by the new optimizer: its sums
+        # are plain (unscaled) gradients at the current weights, so they mean
+        # the same thing to any optimizer. Only the traced function that
+        # captured the old optimizer goes.
+        self._apply_function = None
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
         # Keras skips compiling on load when `compile` is overridden; ours
@@ -365,26 +403,35 @@ class AccumulatingModel(keras.Model):
 
     def _build_accumulation_state(self) -> None:
         variable_ids = _ids(self.trainable_variables)
-        if self._accumulation is not None:
-            if variable_ids == self._accumulated_variable_ids:
-                return
-            if self.steps_accumulated:
-                raise ValueError(
-                    "The model's trainable variables changed while "
-                    f"{self.steps_accumulated} micro-batches were accumulated; "
-                    "apply them (apply_accumulated_gradients()) or discard "
-                    "them (reset_accumulated_gradients()) before changing "
-                    "which layers are trainable."
-                )
-            self.train_function = None
-            self._apply_function = None
         with self.distribute_strategy.scope():
             if self.optimizer is not None and not self.optimizer.built:
                 self.optimizer.build(self.trainable_variables)
+            if self._accumulation is not None:
+                if variable_ids == self._accumulated_variable_ids:
+                    return
+                if self.steps_accumulated:
+                    raise ValueError(
+                        "The model's trainable variables changed while "
+                        f"{self.steps_accumulated} micro-batches were "
+                        "accumulated for the previous ones. Apply them to the "
+                        "variables they were accumulated for "
+                        "(model.apply_accumulated_gradients()) or discard them "
+                        "(model.reset_accumulated_gradients()), then train on."
+                    )
+                self.train_function = None
+                self._apply_function = None
             self._accumulation = GradientAccumulator(self.trainable_variables)
         self._accumulated_variable_ids = variable_ids
 
     # -- Serialisation -------------------------------------------------------------
+
+    def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any):
+        # As Keras does for train_function: a SavedModel must not trace the
+        # apply function (it would try to save its gradients).
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "savedmodel":
+            children.pop("_apply_function", None)
+        return children
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -426,8 +473,11 @@ class AccumulatingModel(keras.Model):
                 "model with other trainable variables?"
             )
         for index, variable in enumerate(saved):
+            # np.asarray: keras 3.10's H5 store hands back h5py datasets.
             distributed.assign_total(
-                variable, store[f"{_STATE_KEY}{index}"], self.distribute_strategy
+                variable,
+                np.asarray(store[f"{_STATE_KEY}{index}"]),
+                self.distribute_strategy,
             )
 
 
@@ -440,6 +490,32 @@ class AccumulatingFunctional(AccumulatingModel, Functional):
     A class of its own so that Keras never rewrites `AccumulatingModel`'s bases
     (it injects `Functional` into a subclass built from inputs and outputs).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        original = _model_being_cloned()
+        if original is not None:
+            kwargs.setdefault("accumulation_steps", original.accumulation_steps)
+            kwargs.setdefault("flush_at_epoch_end", original.flush_at_epoch_end)
+        super().__init__(*args, **kwargs)
+
+
+def _model_being_cloned() -> AccumulatingModel | None:
+    """The model `keras.models.clone_model` is cloning, when it constructs one.
+
+    Keras clones a functional model with ``model.__class__(inputs, outputs,
+    name=model.name)``, which drops every other constructor argument, so the
+    options are read from the original: the ``model`` of Keras's
+    ``_clone_functional_model`` frame (keras 3.10 to 3.15), a few frames up.
+    """
+    frame = sys._getframe(1)
+    for _ in range(_CLONE_FRAME_SEARCH_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_clone_functional_model":
+            original = frame.f_locals.get("model")
+            return original if isinstance(original, AccumulatingModel) else None
+        frame = frame.f_back
+    return None
 
 
 def _ids(variables: list[Any]) -> list[int]:
