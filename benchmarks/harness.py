@@ -1,14 +1,20 @@
-"""Shared pieces of the benchmarks: threads, data, timing, memory, the floor.
+"""The benchmarks' one harness: variant tables in, timed rows and reports out.
 
-Imported by ``bench.py``, ``scaling.py`` and ``profile_fit.py`` (run as
-scripts, so this directory is on ``sys.path``). Importing this module does not
-initialise TensorFlow's runtime (importing TensorFlow and Keras does not):
-call `configure_threads` before anything runs an op.
+``bench.py``, ``scaling.py`` and ``profile_fit.py`` (run as scripts, so this
+directory is on ``sys.path``) are tables of `Spec` rows over this module; the
+settings axes (``jit_compile``, ``steps_per_execution``) multiply a table into
+`Variant` objects. Every timing is made the same way (`measure`): one process,
+each variant warmed up (traced and, with XLA, compiled), then round-robin
+rounds of one epoch per variant; a variant's time is the median of its timed
+epochs and its ratios are paired per round (`paired_ratio`).
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import gc
+import json
 import math
 import os
 import platform
@@ -16,493 +22,534 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS_DIR = REPO_ROOT / "results"
+try:
+    from accumulate.paper import datasets, notebook_loops, training
+except ImportError:  # before the paper/ split
+    from accumulate import datasets, notebook_loops, training
+from accumulate.twins import PAPER_HIDDEN_UNITS, build_mlp, make_twins
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 BATCH_SIZE = 512
 LEARNING_RATE = 0.01
 SEED = 42
 QUICK_SAMPLES = 2048
-
-
-# -- Process set-up ---------------------------------------------------------
-
-
-def configure_threads(threads: int) -> None:
-    """Limits TensorFlow to ``threads`` intra-op and inter-op threads.
-
-    Must run before TensorFlow executes anything: the runtime reads these
-    settings once, when it initialises.
-    """
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1; received {threads}.")
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-
-
-def quiet_tensorflow() -> None:
-    """Silences TensorFlow's Python warnings (the retracing notices that
-    building dozens of models in one process triggers)."""
-    tf.get_logger().setLevel("ERROR")
-
-
-def pin_to_cpus(cpus: Sequence[int]) -> None:
-    """Restricts this process to the given CPU ids (Linux only)."""
-    os.sched_setaffinity(0, set(cpus))
-
-
-def environment_info(threads: int) -> dict[str, Any]:
-    """Versions and machine facts to store next to the timings."""
-    affinity = (
-        sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    )
-    return {
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "threads": threads,
-        "load_average_at_start": list(os.getloadavg()),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-# -- Data -------------------------------------------------------------------
-
-
-def load_mnist_train(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST's 60,000 training images (uint8, 28x28) and labels (uint8)."""
-    from accumulate.datasets import load_dataset
-
-    (images, labels), _ = load_dataset("mnist", data_dir)
-    return images, labels
-
-
-def synthetic_mnist(
-    num_samples: int, seed: int = SEED
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random MNIST-shaped uint8 images and labels, for quick runs."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (num_samples, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, num_samples, dtype=np.uint8)
-    return images, labels
-
-
-def to_float(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Images scaled to [0, 1] as float32 and labels as int32."""
-    return (images / np.float32(255.0)).astype(np.float32), labels.astype(np.int32)
-
-
-def fit_dataset(
-    x: np.ndarray, y: np.ndarray, batch_size: int, threads: int
-) -> tf.data.Dataset:
-    """The dataset fed to every `fit`: `accumulate.training`'s pipeline.
-
-    In-memory tensors, batched in order (no shuffling), cached and prefetched,
-    with tf.data's private thread pool limited to ``threads``.
-    """
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).cache()
-    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
-
-
-def num_batches(num_samples: int, batch_size: int) -> int:
-    """Batches per epoch, counting a ragged last batch."""
-    return math.ceil(num_samples / batch_size)
-
-
-# -- Models -----------------------------------------------------------------
-
-
-def loss_function() -> Any:
-    """The benchmark's loss: sparse categorical cross-entropy on logits."""
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def compile_for_fit(
-    model: Any,
-    *,
-    jit_compile: bool,
-    steps_per_execution: int,
-    gradient_accumulation_steps: int | None = None,
-) -> None:
-    """Compiles ``model`` with SGD(0.01), the loss above and accuracy."""
-    optimizer = keras.optimizers.SGD(
-        LEARNING_RATE, gradient_accumulation_steps=gradient_accumulation_steps
-    )
-    model.compile(
-        optimizer=optimizer,
-        loss=loss_function(),
-        metrics=["accuracy"],
-        jit_compile=jit_compile,
-        steps_per_execution=steps_per_execution,
-    )
-
-
-# -- Timing -----------------------------------------------------------------
-
-
-def _sync(model: Any) -> None:
-    """Blocks until every queued update of ``model`` has run."""
-    model.trainable_variables[-1].numpy()
+STARTED = time.perf_counter()
+DEFAULT_FIT = "fit [jit=off spe=1]"
+# The reproduction runner's setting: the one the overhead targets apply to.
+REPRODUCTION_JIT = training.JIT_COMPILE
 
 
 @dataclass(frozen=True)
-class EpochTime:
-    """How long one epoch took: wall-clock and process CPU seconds.
+class Spec:
+    """One row of a variant table.
 
-    CPU time (all threads of the process) barely moves when other jobs take
-    the cores away from us, so on a shared machine it is the steadier of the
-    two; wall time is what a user waits for.
+    ``model``: `AccumulatingModel` keyword arguments, or None for the plain
+    `keras.Model` twin (same seed, same weights). ``optimizer``: more
+    `keras.optimizers.SGD` keyword arguments. ``compare``: names of other
+    variants at the same settings to pair ratios with, besides plain fit and
+    the floor.
+    """
+
+    name: str
+    family: str
+    model: dict[str, Any] | None = None
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    compare: tuple[str, ...] = ()
+
+
+# -- Command line, process and data ------------------------------------------
+
+
+def parser(doc: str, epochs: int, out: Path = RESULTS_DIR) -> argparse.ArgumentParser:
+    """The options every script takes, so one BENCH_ARGS suits them all."""
+    first, rest = doc.split("\n\n", 1)
+    result = argparse.ArgumentParser(
+        description=first,
+        epilog=rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = result.add_argument
+    add("--data-dir", default=os.environ.get("ACCUMULATE_DATA_DIR"))
+    add("--epochs", type=int, help=f"timed epochs a variant (default {epochs})")
+    add("--warmup", type=int, default=1, help="untimed epochs a variant first")
+    add("--out", type=Path, default=out, help="output directory")
+    add("--quick", action="store_true", help="smoke test: synthetic, few variants")
+    add("--threads", type=int, default=1, help="TensorFlow threads (default 1)")
+    add("--pin-cpus", help="comma-separated CPU ids to pin the process to")
+    result.set_defaults(default_epochs=epochs)
+    return result
+
+
+@dataclass
+class Data:
+    """The training set as loaded (uint8) and as every `fit` sees it."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    description: str
+    threads: int
+
+    def __post_init__(self) -> None:
+        self.x = (self.images / np.float32(255.0)).astype(np.float32)
+        self.y = self.labels.astype(np.int32)
+        self.batches = math.ceil(len(self.x) / BATCH_SIZE)
+        self.dataset = self.pipeline()
+
+    def pipeline(self, short: bool = False) -> tf.data.Dataset:
+        """`accumulate.training`'s pipeline: in order, cached, prefetched.
+
+        tf.data's own thread pool is capped so ``--threads`` holds for it
+        too. ``short`` keeps two full batches and the ragged tail: every
+        batch shape of an epoch, so warming up on it traces and compiles
+        them all in a fraction of a wide model's epoch.
+        """
+        x, y = self.x, self.y
+        if short:
+            keep = np.r_[: 2 * BATCH_SIZE, len(x) - len(x) % BATCH_SIZE : len(x)]
+            x, y = x[keep], y[keep]
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = self.threads
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH_SIZE)
+        return dataset.cache().prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def start(
+    parsed: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, dict[str, Any], Data]:
+    """Parses the command line, sets up the process, loads the data.
+
+    The thread counts are set first: TensorFlow's runtime reads them once,
+    when it runs its first op.
+    """
+    args = parsed.parse_args(argv)
+    args.epochs = args.epochs or (1 if args.quick else args.default_epochs)
+    if args.epochs < 1 or args.threads < 1:
+        parsed.error("--epochs and --threads must be >= 1")
+    if args.pin_cpus:
+        os.sched_setaffinity(0, {int(cpu) for cpu in args.pin_cpus.split(",")})
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    # Dozens of models in one process make TensorFlow warn about retracing:
+    # expected here, and it would bury the progress lines.
+    tf.get_logger().setLevel("ERROR")
+    if args.quick:
+        rng = np.random.default_rng(SEED)
+        images = rng.integers(0, 256, (QUICK_SAMPLES, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, QUICK_SAMPLES, dtype=np.uint8)
+        description = f"synthetic ({QUICK_SAMPLES} samples)"
+    else:
+        (images, labels), _ = datasets.load_dataset("mnist", args.data_dir)
+        description = f"MNIST train ({len(images)} samples)"
+    affinity = getattr(os, "sched_getaffinity", None)
+    meta = {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": sorted(affinity(0)) if affinity else None,
+        "threads": args.threads,
+        "load_average_at_start": list(os.getloadavg()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return args, meta, Data(images, labels, description, args.threads)
+
+
+# -- Variants ------------------------------------------------------------------
+
+
+class EpochTime(NamedTuple):
+    """Wall and process CPU seconds of one epoch.
+
+    CPU time (all threads) barely moves when other jobs take the cores, so
+    on a shared machine it is the steadier one; wall time is what users wait.
     """
 
     wall: float
     cpu: float
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self._wall = time.perf_counter()
-        self._cpu = time.process_time()
+def _clock() -> Callable[[], EpochTime]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    return lambda: EpochTime(time.perf_counter() - wall, time.process_time() - cpu)
 
-    def stop(self) -> EpochTime:
-        return EpochTime(
-            time.perf_counter() - self._wall, time.process_time() - self._cpu
-        )
+
+def sync(model: Any) -> None:
+    """Blocks until every queued update of ``model`` has run."""
+    model.trainable_variables[-1].numpy()
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """A Keras callback timing the training part of each epoch.
+    """Times each epoch's training, the epoch-end flush included.
 
-    The clock starts in ``on_epoch_begin`` and stops in ``on_epoch_end`` after
-    the callbacks placed before it, so it includes `AccumulatingModel`'s
-    epoch-end flush, and after reading a weight, so queued updates are done.
+    It stops after the callbacks placed before it (`AccumulatingModel`'s
+    flush is one) and after every queued update has run.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[EpochTime] = []
-        self._clock = _Clock()
-
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        self._clock = _Clock()
+        self.stop = _clock()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        _sync(self.model)
-        self.times.append(self._clock.stop())
+        sync(self.model)
+        self.time = self.stop()
 
 
-def fit_one_epoch(model: Any, dataset: tf.data.Dataset) -> EpochTime:
+def fit_epoch(model: Any, dataset: tf.data.Dataset) -> EpochTime:
     """Runs one `fit` epoch (no validation) and returns its training time."""
     timer = EpochTimer()
     model.fit(dataset, epochs=1, verbose=0, callbacks=[timer], shuffle=False)
-    return timer.times[-1]
+    return timer.time
 
 
-def timed(run: Callable[[], Any], sync: Callable[[], Any]) -> EpochTime:
-    """Time taken by ``run()`` followed by ``sync()``."""
-    clock = _Clock()
+def timed(run: Callable[[], Any], model: Any) -> EpochTime:
+    """Time of ``run()`` until ``model``'s updates are done."""
+    stop = _clock()
     run()
-    sync()
-    return clock.stop()
+    sync(model)
+    return stop()
 
 
-# -- Memory -----------------------------------------------------------------
-
-
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def current_rss_mb() -> float:
-    """This process's resident set size now, in MiB."""
-    kib = _status_kib("VmRSS")
-    if kib is None:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    return kib / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Resets the kernel's peak-RSS mark (Linux >= 4.0); False if impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS since the last `reset_peak_rss` (or process start), in MiB."""
-    kib = _status_kib("VmHWM")
-    if kib is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return kib / 1024
-
-
-# -- Round-robin measurement -----------------------------------------------
+def settings_label(jit_compile: bool | None, steps_per_execution: int | None) -> str:
+    """``jit=on spe=118``, ``jit=off`` (the floor) or ``eager`` (the notebook)."""
+    if jit_compile is None:
+        return "eager"
+    jit = f"jit={'on' if jit_compile else 'off'}"
+    return jit if steps_per_execution is None else f"{jit} spe={steps_per_execution}"
 
 
 @dataclass
 class Variant:
-    """One thing to time: a way of training one epoch, and its settings."""
+    """One thing to time and, once `measure` has run it, its timings.
 
-    name: str
-    family: str
-    run_epoch: Callable[[], EpochTime]
-    jit_compile: bool | None = None
-    steps_per_execution: int | None = None
-    accumulation_steps: int | str | None = None
-    warm_up: Callable[[], EpochTime] | None = None
-    """Runs an untimed warm-up epoch; `run_epoch` when None."""
-
-    @property
-    def settings(self) -> str:
-        """``jit=on|off spe=N`` (or ``eager`` for the notebook's loops)."""
-        if self.jit_compile is None and self.steps_per_execution is None:
-            return "eager"
-        jit = "on" if self.jit_compile else "off"
-        if self.steps_per_execution is None:
-            return f"jit={jit}"
-        return f"jit={jit} spe={self.steps_per_execution}"
-
-    @property
-    def key(self) -> str:
-        """Unique label: name and settings."""
-        return f"{self.name} [{self.settings}]"
-
-
-@dataclass
-class Measurement:
-    """Timings and memory of one variant across its timed epochs.
-
-    ``seconds[i]`` and ``cpu_seconds[i]`` come from round ``i``, so two
-    variants' lists pair up epoch by epoch (see `paired_ratio`).
+    ``epoch_seconds[i]`` and ``epoch_cpu_seconds[i]`` come from round ``i``,
+    so two variants' lists pair up round by round.
     """
 
-    seconds: list[float] = field(default_factory=list)
-    cpu_seconds: list[float] = field(default_factory=list)
+    spec: Spec
+    run_epoch: Callable[[], EpochTime]
+    model: Any
+    jit_compile: bool | None = None
+    steps_per_execution: int | None = None
+    warm_up: Callable[[], EpochTime] | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_cpu_seconds: list[float] = field(default_factory=list)
     warmup_seconds: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     rss_growth_mb: float = 0.0
 
     @property
-    def median_seconds(self) -> float:
-        return float(np.median(self.seconds))
+    def settings(self) -> str:
+        return settings_label(self.jit_compile, self.steps_per_execution)
 
     @property
-    def median_cpu_seconds(self) -> float:
-        return float(np.median(self.cpu_seconds))
+    def key(self) -> str:
+        return f"{self.spec.name} [{self.settings}]"
 
 
-def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
-    """Median over rounds of the per-round ratio of two variants' epoch times.
+def loss_function() -> keras.losses.Loss:
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    Both were timed in the same round, a few seconds apart, so a slow spell
-    of the machine hits both; the median then drops the spells that hit only
-    one of them.
+
+def build_model(spec: Spec, hidden_units: tuple[int, ...] = PAPER_HIDDEN_UNITS) -> Any:
+    """The spec's twin of the MLP with ``hidden_units``, seeded with `SEED`."""
+    if spec.model is None:
+        keras.utils.set_random_seed(SEED)
+        return build_mlp(hidden_units)
+    build = functools.partial(build_mlp, hidden_units)
+    return make_twins(SEED, build=build, **spec.model)[1]
+
+
+def compiled(
+    spec: Spec, jit: bool, spe: int, hidden: tuple[int, ...] = PAPER_HIDDEN_UNITS
+) -> Any:
+    """`build_model`, compiled with SGD(0.01), the loss and accuracy."""
+    model = build_model(spec, hidden)
+    model.compile(
+        optimizer=keras.optimizers.SGD(LEARNING_RATE, **spec.optimizer),
+        loss=loss_function(),
+        metrics=["accuracy"],
+        jit_compile=jit,
+        steps_per_execution=spe,
+    )
+    return model
+
+
+def fit_variant(
+    spec: Spec,
+    data: Data,
+    jit: bool,
+    spe: int,
+    hidden: tuple[int, ...] = PAPER_HIDDEN_UNITS,
+    short_warmup: bool = False,
+) -> Variant:
+    """One `fit` epoch of the spec's model at the given settings."""
+    model = compiled(spec, jit, spe, hidden)
+    warm = data.pipeline(short=True) if short_warmup else data.dataset
+    run = functools.partial(fit_epoch, model, data.dataset)
+    return Variant(
+        spec, run, model, jit, spe, functools.partial(fit_epoch, model, warm)
+    )
+
+
+def floor_variant(data: Data, jit_compile: bool) -> Variant:
+    """A whole epoch of plain SGD as one `tf.function`: the speed floor.
+
+    The arithmetic of a `fit` step (forward pass, loss, gradient,
+    ``w -= lr * g``, loss and hit sums) without Keras's loop, metric objects,
+    optimizer or callbacks. Full batches are stacked so the loop body has the
+    static shape XLA needs; the ragged last batch is one more step.
     """
-    return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
+    spec = Spec("floor", "floor")
+    model, loss_fn = build_model(spec), loss_function()
+    variables, full = model.trainable_variables, len(data.x) // BATCH_SIZE
+    cut = full * BATCH_SIZE
+    x_full = tf.constant(data.x[:cut].reshape(full, BATCH_SIZE, 28, 28))
+    y_full = tf.constant(data.y[:cut].reshape(full, BATCH_SIZE))
+    x_tail, y_tail = tf.constant(data.x[cut:]), tf.constant(data.y[cut:])
+
+    def step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = loss_fn(y, logits)
+        for weight, gradient in zip(
+            variables, tape.gradient(loss, variables), strict=True
+        ):
+            weight.assign_sub(LEARNING_RATE * gradient)
+        hits = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y)
+        return tf.stack([loss, tf.reduce_sum(tf.cast(hits, tf.float32))])
+
+    @tf.function(jit_compile=jit_compile)
+    def epoch() -> tf.Tensor:
+        sums = tf.zeros(2)
+        for index in tf.range(full):
+            sums += step(x_full[index], y_full[index])
+        return sums + step(x_tail, y_tail) if cut < len(data.x) else sums
+
+    return Variant(spec, lambda: timed(epoch, model), model, jit_compile)
+
+
+def notebook_variants(data: Data) -> list[Variant]:
+    """The notebook's two eager loops, on the notebook's own float64 pipeline."""
+    dataset = notebook_loops.make_notebook_dataset(data.images, data.labels, BATCH_SIZE)
+    loops = {
+        "notebook-standard": notebook_loops.notebook_standard_epoch,
+        "notebook-accumulating": notebook_loops.notebook_accumulating_epoch,
+    }
+    variants = []
+    for name, loop in loops.items():
+        spec = Spec(name, "notebook")
+        model, optimizer = build_model(spec), keras.optimizers.SGD(LEARNING_RATE)
+        run = functools.partial(loop, model, optimizer, dataset, loss_function())
+        variants.append(Variant(spec, functools.partial(timed, run, model), model))
+    return variants
+
+
+# -- Measuring ---------------------------------------------------------------
+
+
+def _rss_mb(field_name: str) -> float:
+    """VmRSS (now) or VmHWM (peak since `_reset_peak`) of this process, MiB."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith(field_name))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):  # not Linux: the process-lifetime peak
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    try:  # Linux >= 4.0; elsewhere peaks are the process's lifetime peak
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
 
 
 def _round_order(variants: Sequence[Variant], round_index: int) -> list[Variant]:
     """This round's order: settings groups kept together, both rotated.
 
-    Variants with the same settings (the ones compared with each other) run
-    back to back, so their epochs are seconds apart; rotating the groups and
-    the variants inside each group means nobody always runs first or after
-    the same neighbour.
+    Variants compared with each other share settings and so run back to back,
+    seconds apart; rotating the groups and each group's members means none
+    always runs first or after the same neighbour.
     """
     groups: dict[str, list[Variant]] = {}
     for variant in variants:
         groups.setdefault(variant.settings, []).append(variant)
-    group_list = list(groups.values())
-    shift = round_index % len(group_list)
-    order = []
-    for group in group_list[shift:] + group_list[:shift]:
+    ordered = list(groups.values())
+    shift = round_index % len(ordered)
+    result = []
+    for group in ordered[shift:] + ordered[:shift]:
         inner = round_index % len(group)
-        order += group[inner:] + group[:inner]
-    return order
+        result += group[inner:] + group[:inner]
+    return result
 
 
-def measure_round_robin(
-    variants: Sequence[Variant],
-    epochs: int,
-    warmup: int,
-    log: Callable[[str], None] = print,
-) -> dict[str, Measurement]:
-    """Warms every variant up, then times ``epochs`` epochs of each, interleaved.
+def measure(variants: Sequence[Variant], epochs: int, warmup: int) -> None:
+    """Warms every variant up, then times ``epochs`` round-robin rounds.
 
-    Each round runs one epoch of every variant (see `_round_order`). Peak RSS
-    is the highest kernel peak-RSS mark seen during the variant's timed
-    epochs (reset before each epoch); growth is that peak minus the RSS just
-    before the epoch.
+    Peak RSS is the highest kernel peak mark over the variant's timed epochs
+    (reset before each); growth is that peak minus the RSS just before.
     """
-    results = {variant.key: Measurement() for variant in variants}
     for variant in variants:
         for _ in range(warmup):
             gc.collect()
-            warm_up = variant.warm_up or variant.run_epoch
-            results[variant.key].warmup_seconds.append(warm_up().wall)
-        warmups = ", ".join(f"{s:.2f}" for s in results[variant.key].warmup_seconds)
-        log(f"  warmed up {variant.key}: {warmups} s")
+            variant.warmup_seconds.append((variant.warm_up or variant.run_epoch)()[0])
+        log(f"  warmed up {variant.key}: {variant.warmup_seconds} s")
     for round_index in range(epochs):
         round_start = time.perf_counter()
         for variant in _round_order(variants, round_index):
             gc.collect()
-            before = current_rss_mb()
-            reset_peak_rss()
-            epoch_time = variant.run_epoch()
-            peak = peak_rss_mb()
-            measurement = results[variant.key]
-            measurement.seconds.append(epoch_time.wall)
-            measurement.cpu_seconds.append(epoch_time.cpu)
-            measurement.peak_rss_mb = max(measurement.peak_rss_mb, peak)
-            measurement.rss_growth_mb = max(measurement.rss_growth_mb, peak - before)
-        seconds = time.perf_counter() - round_start
-        load = os.getloadavg()[0]
+            before = _rss_mb("VmRSS")
+            _reset_peak()
+            wall, cpu = variant.run_epoch()
+            peak = _rss_mb("VmHWM")
+            variant.epoch_seconds.append(wall)
+            variant.epoch_cpu_seconds.append(cpu)
+            variant.peak_rss_mb = max(variant.peak_rss_mb, peak)
+            variant.rss_growth_mb = max(variant.rss_growth_mb, peak - before)
+        seconds, load = time.perf_counter() - round_start, os.getloadavg()[0]
         log(f"  round {round_index + 1}/{epochs}: {seconds:.1f} s, load {load:.2f}")
-    return results
 
 
-# -- The floor --------------------------------------------------------------
+def paired_ratio(mine: Variant, theirs: Variant | None) -> dict[str, float] | None:
+    """Median over rounds of per-round epoch-time ratios, wall and CPU.
 
-
-def make_floor_epoch(
-    model: Any,
-    x: np.ndarray,
-    y: np.ndarray,
-    batch_size: int,
-    jit_compile: bool,
-) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
-    """A whole epoch of plain SGD as one `tf.function`: the speed floor.
-
-    The data lives in memory as tensors; the full batches are stacked so the
-    loop body has a static shape (which XLA needs) and the ragged last batch
-    is one more step after the loop. Each step is the forward pass, the loss
-    and its gradient, ``w -= lr * g`` and the running loss and accuracy sums:
-    the same arithmetic as a `fit` step, with none of Keras's loop, metrics
-    objects, optimizer or callbacks around it.
-
-    Returns:
-        a function running one epoch and returning (mean batch loss,
-        accuracy) as tensors.
+    Both epochs of a round ran seconds apart, so a slow spell of the machine
+    hits both; the median drops the spells that hit only one.
     """
-    loss_fn = loss_function()
-    full = len(x) // batch_size
-    x_full = tf.constant(x[: full * batch_size].reshape(full, batch_size, *x.shape[1:]))
-    y_full = tf.constant(y[: full * batch_size].reshape(full, batch_size))
-    x_tail = tf.constant(x[full * batch_size :])
-    y_tail = tf.constant(y[full * batch_size :])
-    has_tail = len(x_tail) > 0
-    variables = model.trainable_variables
-    learning_rate = tf.constant(LEARNING_RATE, tf.float32)
-
-    def sgd_step(x_batch: tf.Tensor, y_batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        with tf.GradientTape() as tape:
-            logits = model(x_batch, training=True)
-            loss = loss_fn(y_batch, logits)
-        gradients = tape.gradient(loss, variables)
-        for variable, gradient in zip(variables, gradients, strict=True):
-            variable.assign_sub(learning_rate * gradient)
-        predictions = tf.argmax(logits, axis=1, output_type=tf.int32)
-        correct = tf.reduce_sum(tf.cast(tf.equal(predictions, y_batch), tf.float32))
-        return loss, correct
-
-    @tf.function(jit_compile=jit_compile)
-    def epoch() -> tuple[tf.Tensor, tf.Tensor]:
-        loss_sum = tf.constant(0.0)
-        correct_sum = tf.constant(0.0)
-        for index in tf.range(full):
-            loss, correct = sgd_step(x_full[index], y_full[index])
-            loss_sum += loss
-            correct_sum += correct
-        batches = full
-        if has_tail:
-            loss, correct = sgd_step(x_tail, y_tail)
-            loss_sum += loss
-            correct_sum += correct
-            batches += 1
-        return loss_sum / batches, correct_sum / len(x)
-
-    return epoch
-
-
-def floor_variant(
-    model: Any, x: np.ndarray, y: np.ndarray, batch_size: int, jit_compile: bool
-) -> Variant:
-    """The floor as a `Variant` (settings: its jit flag only)."""
-    epoch = make_floor_epoch(model, x, y, batch_size, jit_compile)
-
-    def run_epoch() -> EpochTime:
-        return timed(epoch, lambda: _sync(model))
-
-    return Variant("floor", "floor", run_epoch, jit_compile=jit_compile)
-
-
-# -- Output helpers ---------------------------------------------------------
-
-
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A plain-text table with left-aligned first column, right-aligned rest."""
-    rows = [list(map(str, row)) for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (
-            cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)
-        )
-        return "  ".join([first, *rest])
-
-    separator = "  ".join("-" * width for width in widths)
-    return "\n".join([line(headers), separator, *(line(row) for row in rows)])
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    """``numerator / denominator``, or None when either is missing."""
-    if numerator is None or not denominator:
+    if theirs is None:
         return None
-    return numerator / denominator
+    return {
+        "wall": float(np.median(np.divide(mine.epoch_seconds, theirs.epoch_seconds))),
+        "cpu": float(
+            np.median(np.divide(mine.epoch_cpu_seconds, theirs.epoch_cpu_seconds))
+        ),
+    }
 
 
-def format_ratio(value: float | None) -> str:
-    """``1.234x`` or ``-``."""
-    return "-" if value is None else f"{value:.3f}x"
+def _bytes(variables: Iterable[Any]) -> int:
+    return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in variables)
 
 
-def start(args: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, str]:
-    """Pins threads and CPUs as ``args`` say, then loads the data to time.
+def rows(variants: Sequence[Variant], num_samples: int) -> list[dict[str, Any]]:
+    """One JSON-ready row per measured variant, with its paired ratios.
 
-    Returns the environment description, the images and labels, and a line
-    saying what the data is (``--quick``: small synthetic MNIST).
+    Keras variants are compared with plain fit at the same settings and the
+    floor at the same jit; floors and notebook loops with fit at Keras's
+    defaults and the jit-off floor.
     """
-    if args.pin_cpus:
-        pin_to_cpus([int(cpu) for cpu in args.pin_cpus.split(",")])
-    configure_threads(args.threads)
-    quiet_tensorflow()
-    info = environment_info(args.threads)
-    if args.quick:
-        images, labels = synthetic_mnist(QUICK_SAMPLES)
-        return info, images, labels, f"synthetic ({len(images)} samples)"
-    images, labels = load_mnist_train(args.data_dir)
-    return info, images, labels, f"MNIST train ({len(images)} samples)"
+    by_key = {variant.key: variant for variant in variants}
+    result = []
+    for variant in variants:
+        spec, keras_loop = variant.spec, variant.steps_per_execution is not None
+        floor = settings_label(bool(variant.jit_compile), None)
+        references = {
+            "fit": f"fit [{variant.settings}]" if keras_loop else DEFAULT_FIT,
+            "floor": f"floor [{floor}]" if keras_loop else "floor [jit=off]",
+        }
+        state = getattr(variant.model, "_accumulation", None)
+        median = float(np.median(variant.epoch_seconds))
+        row = {"key": variant.key, "name": spec.name, "family": spec.family}
+        for name in ("settings", "jit_compile", "steps_per_execution"):
+            row[name] = getattr(variant, name)
+        row["accumulation_steps"] = (spec.model or {}).get(
+            "accumulation_steps", spec.optimizer.get("gradient_accumulation_steps")
+        )
+        for name in ("epoch_seconds", "epoch_cpu_seconds", "warmup_seconds"):
+            row[name] = getattr(variant, name)
+        row["median_s"], row["min_s"] = median, min(variant.epoch_seconds)
+        row["cpu_median_s"] = float(np.median(variant.epoch_cpu_seconds))
+        row["samples_per_s"] = num_samples / median
+        for name, reference in references.items():
+            pair = paired_ratio(variant, by_key.get(reference)) or {}
+            row[f"{name}_reference"] = reference
+            row[f"ratio_to_{name}"] = pair.get("wall")
+            row[f"cpu_ratio_to_{name}"] = pair.get("cpu")
+        row["peak_rss_mb"], row["rss_growth_mb"] = (
+            variant.peak_rss_mb,
+            variant.rss_growth_mb,
+        )
+        row["trainable_bytes"] = _bytes(variant.model.trainable_variables)
+        row["accumulator_bytes"] = state and _bytes(state.gradient_sums)
+        row["accumulation_state_bytes"] = state and _bytes(state.variables_to_save)
+        result.append(row)
+    return result
+
+
+# -- Output ------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, ...]]) -> str:
+    """A plain-text table of ``(header, row key, format)`` columns; None: ``-``."""
+    cells = [[header for header, _, _ in columns]]
+    for row in rows:
+        cells.append(
+            [
+                "-" if row[key] is None else form.format(row[key])
+                for _, key, form in columns
+            ]
+        )
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = [
+        "  ".join(
+            [line[0].ljust(widths[0])]
+            + [
+                cell.rjust(width)
+                for cell, width in zip(line[1:], widths[1:], strict=True)
+            ]
+        )
+        for line in cells
+    ]
+    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend: no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_report(
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    data: Data,
+    stem: str,
+    report: dict[str, Any],
+    plot: Callable[[Path, str], None],
+) -> None:
+    """Completes ``meta``; writes ``<stem>.json`` and ``<stem>.png`` in --out."""
+    meta.update(
+        load_average_at_end=list(os.getloadavg()),
+        wall_seconds=time.perf_counter() - STARTED,
+        data=data.description,
+        num_samples=len(data.x),
+        batch_size=BATCH_SIZE,
+        batches_per_epoch=data.batches,
+        timed_epochs=args.epochs,
+        warmup_epochs=args.warmup,
+        quick=args.quick,
+        statistic="median of timed epochs; variants interleaved round-robin",
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{stem}.json"
+    path.write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")
+    title = f"{data.description}, batch {BATCH_SIZE}, {args.threads} thread(s)"
+    plot(path.with_suffix(".png"), title)
+    log(f"\nwrote {path} and {path.with_suffix('.png')}")
