@@ -21,7 +21,6 @@ import fnmatch
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import harness
@@ -145,22 +144,11 @@ def ratios(rows: list[dict[str, Any]], variants: list[Any], batches: int) -> dic
     }
 
 
-COLUMNS = [
-    ("variant", "key", "{}"),
-    ("s/epoch", "median_s", "{:.3f}"),
-    ("min s", "min_s", "{:.3f}"),
-    ("CPU s", "cpu_median_s", "{:.3f}"),
-    ("samples/s", "samples_per_s", "{:,.0f}"),
-    ("x fit", "ratio_to_fit", "{:.3f}x"),
-    ("x fit CPU", "cpu_ratio_to_fit", "{:.3f}x"),
-    ("x floor", "ratio_to_floor", "{:.3f}x"),
-    ("x floor CPU", "cpu_ratio_to_floor", "{:.3f}x"),
-    ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
-    ("+MB", "rss_growth_mb", "{:.1f}"),
-]
+COLUMNS = ["variant", "s/epoch", "min s", "CPU s", "samples/s", "x fit", "x fit CPU",
+           "x floor", "x floor CPU", "peak RSS MB", "+MB"]  # fmt: skip
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot(rows: list[dict[str, Any]]) -> Any:
     """Horizontal bars of seconds per epoch, one a variant, log scale."""
     plt = harness.pyplot()
     from matplotlib.ticker import FormatStrFormatter
@@ -187,10 +175,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[f]) for f in shown]
     axes.legend(handles, shown, loc="lower right", fontsize=8)
     axes.set_xlim(right=max(seconds) * 4)
-    axes.set_title(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,15 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         loss="SparseCategoricalCrossentropy(from_logits=True)",
     )
     report = {"results": rows, "ratios": summary, "table": table}
-    title = f"median of {args.epochs} epoch(s)"
-    harness.write_report(
-        args,
-        meta,
-        data,
-        "bench",
-        report,
-        lambda path, head: plot(rows, path, f"{head}, {title}"),
-    )
+    subtitle = f"median of {args.epochs} epoch(s)"
+    harness.write_report(args, meta, data, "bench", report, plot(rows), subtitle)
     return 0
 
 

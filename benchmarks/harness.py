@@ -492,28 +492,36 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, ...]]) -> str:
-    """A plain-text table of ``(header, row key, format)`` columns; None: ``-``."""
-    cells = [[header for header, _, _ in columns]]
-    for row in rows:
-        cells.append(
-            [
-                "-" if row[key] is None else form.format(row[key])
-                for _, key, form in columns
-            ]
-        )
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+# Every column a table may show: header -> (row key, format).
+COLUMNS = {
+    "variant": ("key", "{}"), "name": ("name", "{}"), "width": ("width", "{}"),
+    "params": ("parameters", "{:,}"), "s/epoch": ("median_s", "{:.3f}"),
+    "min s": ("min_s", "{:.3f}"), "CPU s": ("cpu_median_s", "{:.3f}"),
+    "samples/s": ("samples_per_s", "{:,.0f}"), "x fit": ("ratio_to_fit", "{:.3f}x"),
+    "x fit CPU": ("cpu_ratio_to_fit", "{:.3f}x"),
+    "x floor": ("ratio_to_floor", "{:.3f}x"),
+    "x floor CPU": ("cpu_ratio_to_floor", "{:.3f}x"),
+    "peak RSS MB": ("peak_rss_mb", "{:.0f}"), "+MB": ("rss_growth_mb", "{:.1f}"),
+    "weights B": ("trainable_bytes", "{:,}"), "accum. B": ("accumulator_bytes", "{:,}"),
+}  # fmt: skip
+
+
+def table(rows: Iterable[dict[str, Any]], headers: Sequence[str]) -> str:
+    """A plain-text table of the `COLUMNS` named by ``headers``; None: ``-``."""
+    columns = [COLUMNS[header] for header in headers]
+    cells = [list(headers)]
+    cells += [
+        ["-" if r[k] is None else f.format(r[k]) for k, f in columns] for r in rows
+    ]
+    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
     lines = [
         "  ".join(
-            [line[0].ljust(widths[0])]
-            + [
-                cell.rjust(width)
-                for cell, width in zip(line[1:], widths[1:], strict=True)
-            ]
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
         )
         for line in cells
     ]
-    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def pyplot() -> Any:
@@ -532,9 +540,10 @@ def write_report(
     data: Data,
     stem: str,
     report: dict[str, Any],
-    plot: Callable[[Path, str], None],
+    figure: Any,
+    subtitle: str,
 ) -> None:
-    """Completes ``meta``; writes ``<stem>.json`` and ``<stem>.png`` in --out."""
+    """Completes ``meta``; writes ``<stem>.json`` and the figure's ``<stem>.png``."""
     meta.update(
         load_average_at_end=list(os.getloadavg()),
         wall_seconds=time.perf_counter() - STARTED,
@@ -551,5 +560,8 @@ def write_report(
     path = args.out / f"{stem}.json"
     path.write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")
     title = f"{data.description}, batch {BATCH_SIZE}, {args.threads} thread(s)"
-    plot(path.with_suffix(".png"), title)
+    figure.suptitle(f"{title}, {subtitle}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path.with_suffix(".png"), dpi=120)
+    pyplot().close(figure)
     log(f"\nwrote {path} and {path.with_suffix('.png')}")

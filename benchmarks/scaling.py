@@ -22,10 +22,10 @@ Writes ``bench-scaling.json`` and ``bench-scaling.png`` into ``--out``.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import harness
@@ -34,6 +34,7 @@ from harness import Spec
 
 FIT = Spec("fit", "keras-fit")
 WIDTHS, QUICK_WIDTHS = (128, 1024, 4096), (32, 64)
+BLUE, ORANGE, RED = "#4c72b0", "#dd8452", "#c44e52"
 WIDE_PARAMETERS = 2_000_000  # models above this get --wide-epochs
 
 
@@ -56,121 +57,76 @@ def sweep(
     return harness.rows(variants, len(data.x)), epochs
 
 
-COLUMNS = [
-    ("width", "width", "{}"),
-    ("params", "parameters", "{:,}"),
-    ("variant", "name", "{}"),
-    ("s/epoch", "median_s", "{:.3f}"),
-    ("CPU s", "cpu_median_s", "{:.3f}"),
-    ("x fit", "ratio_to_fit", "{:.3f}x"),
-    ("x fit CPU", "cpu_ratio_to_fit", "{:.3f}x"),
-    ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
-    ("+MB in epoch", "rss_growth_mb", "{:.1f}"),
-    ("weights B", "trainable_bytes", "{:,}"),
-    ("accum. B", "accumulator_bytes", "{:,}"),
-]
+COLUMNS = ["width", "params", "name", "s/epoch", "CPU s", "x fit", "x fit CPU",
+           "peak RSS MB", "+MB", "weights B", "accum. B"]  # fmt: skip
 
 
-def plot(steps: list[dict], widths: list[dict], path: Path, title: str) -> None:
+def plot(steps: list[dict[str, Any]], widths: list[dict[str, Any]]) -> Any:
     """Time vs steps, ratio vs width, bytes vs width, RSS growth vs steps."""
     plt = harness.pyplot()
-    figure, ((time_axes, ratio_axes), (bytes_axes, rss_axes)) = plt.subplots(
-        2, 2, figsize=(12, 8.5)
-    )
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    (time_axes, ratio_axes), (bytes_axes, rss_axes) = axes
     labels = [str(row["accumulation_steps"] or "fit") for row in steps]
+    note = functools.partial(
+        time_axes.annotate, textcoords="offset points", ha="center", fontsize=7
+    )
     ours = range(1, len(steps))
-    time_axes.plot(
-        ours,
-        [steps[i]["median_s"] for i in ours],
-        "o-",
-        color="#dd8452",
-        label="AccumulatingModel",
-    )
+    seconds = [row["median_s"] for row in steps]
+    time_axes.plot(ours, seconds[1:], "o-", color=ORANGE, label="AccumulatingModel")
     for i in ours:
-        note = f"{steps[i]['ratio_to_fit']:.3f}x\n(CPU {steps[i]['cpu_ratio_to_fit']:.3f}x)"
-        time_axes.annotate(
-            note,
-            (i, steps[i]["median_s"]),
-            textcoords="offset points",
-            xytext=(0, 8),
-            ha="center",
-            fontsize=7,
-        )
-    time_axes.axhline(steps[0]["median_s"], color="#4c72b0", ls="--", label="plain fit")
-    time_axes.set_ylim(0, max(row["median_s"] for row in steps) * 1.5)
-    time_axes.set(
-        xticks=ours,
-        xticklabels=labels[1:],
-        xlabel="accumulation_steps",
-        ylabel="seconds per epoch (median)",
-    )
-    time_axes.set_title("Time per epoch vs accumulation_steps (paper MLP)", fontsize=10)
+        ratios = f"{steps[i]['ratio_to_fit']:.3f}x\n(CPU "
+        note(f"{ratios}{steps[i]['cpu_ratio_to_fit']:.3f}x)", (i, seconds[i]), (0, 8))
+    time_axes.axhline(seconds[0], color=BLUE, ls="--", label="plain fit")
+    time_axes.set(xticks=ours, xticklabels=labels[1:], ylim=(0, max(seconds) * 1.5))
+    time_axes.set(ylabel="seconds per epoch (median)")
+    time_axes.set_title("Time per epoch vs accumulation_steps (paper MLP)")
 
     sizes = [entry["width"] for entry in widths]
-    for name, colour in (("acc-epoch", "#dd8452"), ("acc-8", "#c44e52")):
-        for key, style, kind in (
-            ("ratio_to_fit", "o-", "wall"),
-            ("cpu_ratio_to_fit", "s--", "CPU"),
-        ):
-            values = [
-                row[key] for e in widths for row in e["variants"] if row["name"] == name
-            ]
+    for index, (name, colour) in enumerate((("acc-epoch", ORANGE), ("acc-8", RED)), 1):
+        for key, style, kind in (("", "o-", "wall"), ("cpu_", "s--", "CPU")):
+            values = [e["variants"][index][f"{key}ratio_to_fit"] for e in widths]
             ratio_axes.plot(
                 sizes, values, style, color=colour, label=f"{name} ({kind})"
             )
-    ratio_axes.axhline(1.0, color="#4c72b0", ls="--", label="plain fit")
+    ratio_axes.axhline(1.0, color=BLUE, ls="--", label="plain fit")
     ratio_axes.axhline(1.03, color="grey", ls=":", label="1.03x target")
     ratio_axes.set_xscale("log", base=2)
-    ratio_axes.set(
-        xticks=sizes,
-        xticklabels=sizes,
-        ylabel="epoch time / plain fit's (paired median)",
-        xlabel="first hidden layer width w (layers w, w/2, w/4)",
-    )
-    ratio_axes.set_title("Accumulation overhead vs model width", fontsize=10)
+    ratio_axes.set(xticks=sizes, xticklabels=sizes, xlabel="first hidden layer width w")
+    ratio_axes.set(ylabel="epoch time / plain fit's (paired median)")
+    ratio_axes.set_title("Accumulation overhead vs model width (layers w, w/2, w/4)")
 
     at = np.arange(len(widths))
-    for offset, name, key, colour in (
-        (-0.19, "trainable weights", "trainable_bytes", "#4c72b0"),
-        (0.19, "accumulators", "accumulator_bytes", "#dd8452"),
+    for offset, key, colour in (
+        (-0.19, "trainable", BLUE),
+        (0.19, "accumulator", ORANGE),
     ):
-        mib = [(e["variants"][1][key] or 0) / 2**20 for e in widths]
-        bytes_axes.bar(at + offset, mib, 0.38, label=name, color=colour)
-    bytes_axes.set_yscale("log")
-    bytes_axes.set(xticks=at, xticklabels=[f"w={w}" for w in sizes], ylabel="MiB")
-    bytes_axes.set_title(
-        "Accumulators = one copy of the trainable weights", fontsize=10
-    )
+        mib = [e["variants"][1][f"{key}_bytes"] / 2**20 for e in widths]
+        bytes_axes.bar(at + offset, mib, 0.38, label=f"{key} bytes", color=colour)
+    bytes_axes.set(yscale="log", xticks=at, xticklabels=[f"w={w}" for w in sizes])
+    bytes_axes.set(ylabel="MiB")
+    bytes_axes.set_title("Accumulators = one copy of the trainable weights")
 
-    rss_axes.bar(
-        range(len(steps)),
-        [row["rss_growth_mb"] for row in steps],
-        color=["#4c72b0"] + ["#dd8452"] * (len(steps) - 1),
-    )
+    growth = [row["rss_growth_mb"] for row in steps]
+    rss_axes.bar(range(len(steps)), growth, color=[BLUE] + [ORANGE] * len(ours))
     for i, row in enumerate(steps):
         rss_axes.annotate(
             f"peak {row['peak_rss_mb']:.0f}",
-            (i, row["rss_growth_mb"]),
+            (i, growth[i]),
+            (0, 3),
             textcoords="offset points",
-            xytext=(0, 3),
             ha="center",
             fontsize=7,
         )
-    rss_axes.set(
-        xticks=range(len(steps)),
-        xticklabels=labels,
-        xlabel="accumulation_steps",
-        ylabel="RSS growth within an epoch (MiB)",
-    )
-    rss_axes.set_title(
-        "Memory per epoch does not grow with accumulation_steps", fontsize=10
-    )
-    for axes in (time_axes, ratio_axes, bytes_axes):
-        axes.legend(fontsize=8)
-    figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    rss_axes.set(xticks=range(len(steps)), xticklabels=labels)
+    rss_axes.set(ylabel="RSS growth within an epoch (MiB)")
+    rss_axes.set_title("Memory per epoch does not grow with accumulation_steps")
+    for one in axes.flat:
+        one.title.set_fontsize(10)
+    for one in (time_axes, ratio_axes, bytes_axes):
+        one.legend(fontsize=8)
+    for one in (time_axes, rss_axes):
+        one.set_xlabel("accumulation_steps")
+    return figure
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,14 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "memory": memory,
         "table": table,
     }
-    harness.write_report(
-        args,
-        meta,
-        data,
-        "bench-scaling",
-        report,
-        lambda path, head: plot(steps_rows, width_rows, path, f"{head}, {settings}"),
-    )
+    figure = plot(steps_rows, width_rows)
+    harness.write_report(args, meta, data, "bench-scaling", report, figure, settings)
     return 0
 
 
