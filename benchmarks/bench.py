@@ -1,18 +1,10 @@
 """Seconds per training epoch: `AccumulatingModel.fit` against its references.
 
-MNIST, batch 512, the paper's MLP, SGD(0.01), no validation; every `SPECS`
-row at ``jit_compile`` off and on and ``steps_per_execution`` 1 and a whole
-epoch, plus the floor (one hand-written `tf.function` per epoch, jit off and
-on: the fastest this step goes here) and the notebook's two eager loops (the
-project's baseline). Timed as `harness` says: warm-up, round-robin, medians.
+Every `specs` row at jit_compile off/on and steps_per_execution 1/an epoch,
+the floor (a hand-written whole-epoch `tf.function`) and the notebook's eager
+loops; writes bench.json and bench.png into --out. A full run takes ~10 min:
 
-Usage::
-
-    python benchmarks/bench.py                     # full run, ~10 min
-    python benchmarks/bench.py --quick --out /tmp  # smoke test, seconds
     python benchmarks/bench.py --only 'fit*,acc-epoch*' --epochs 5
-
-Writes ``bench.json`` and ``bench.png`` into ``--out`` (default ``results/``).
 """
 
 from __future__ import annotations
@@ -24,47 +16,38 @@ from collections.abc import Sequence
 from typing import Any
 
 import harness
-from harness import Spec
+import matplotlib.pyplot as plt
+from harness import Spec, Variant, accumulating
+from matplotlib.ticker import FormatStrFormatter
 
-COLOURS = {
-    "keras-fit": "#4c72b0",
-    "accumulating": "#dd8452",
-    "keras-ga": "#8172b3",
-    "floor": "#55a868",
-    "notebook": "#c44e52",
-}
+COLOURS = {"keras-fit": "#4c72b0", "accumulating": "#dd8452", "keras-ga": "#8172b3",
+           "floor": "#55a868", "notebook": "#c44e52"}  # fmt: skip
 QUICK = ("fit", "acc-8", "acc-epoch", "keras-ga-")
 TARGET_TO_FIT, TARGET_TO_FLOOR = 1.03, 1.3
+COLUMNS = ["variant", "s/epoch", "min s", "CPU s", "samples/s", "x fit", "x fit CPU",
+           "x floor", "x floor CPU", "peak RSS MB", "+MB"]  # fmt: skip
 
 
-def specs(batches: int) -> list[Spec]:
-    """The `fit` variants; ``batches`` (118 on MNIST) is a whole epoch."""
-    whole, ga = {"accumulation_steps": batches}, f"keras-ga-{batches}"
-    return [
-        Spec("fit", "keras-fit"),
-        Spec("acc-1", "accumulating", {"accumulation_steps": 1}),
-        Spec("acc-8", "accumulating", {"accumulation_steps": 8}),
-        Spec(f"acc-{batches}", "accumulating", whole, compare=(ga,)),
-        Spec(
-            "acc-epoch", "accumulating", {"accumulation_steps": "epoch"}, compare=(ga,)
-        ),
+def build(data: harness.Data, quick: bool, patterns: list[str]) -> list[Variant]:
+    """Every variant whose label matches a pattern, built only if it does."""
+    # The `fit` variants; data.batches (118 on MNIST) is a whole epoch.
+    batches, ga = data.batches, f"keras-ga-{data.batches}"
+    specs = [
+        harness.FIT,
+        accumulating(1),
+        accumulating(8),
+        accumulating(batches, compare=(ga,)),
+        accumulating("epoch", compare=(ga,)),
         # Keras 3's own accumulation: SGD(gradient_accumulation_steps=118).
         Spec(ga, "keras-ga", optimizer={"gradient_accumulation_steps": batches}),
-        # Issue 10, once the option exists: its overhead against the same model.
-        # Spec("acc-epoch-noise", "accumulating", {"accumulation_steps": "epoch",
-        #      "measure_noise_scale": True}, compare=("acc-epoch",)),
     ]
 
-
-def build(data: harness.Data, quick: bool, patterns: list[str]) -> list[Any]:
-    """Every variant whose label matches a pattern, built only if it does."""
-
-    def wanted(name: str, jit: bool | None, spe: int | None) -> bool:
+    def wanted(name: str, jit: bool | None = None, spe: int | None = None) -> bool:
         label = f"{name} [{harness.settings_label(jit, spe)}]"
         # Brackets in labels are literal: escape them for fnmatch.
         return any(fnmatch.fnmatchcase(label, p.replace("[", "[[]")) for p in patterns)
 
-    table = [s for s in specs(data.batches) if not quick or s.name.startswith(QUICK)]
+    table = [s for s in specs if not quick or s.name.startswith(QUICK)]
     jits = (False,) if quick else (False, True)
     variants = [
         harness.fit_variant(spec, data, jit, spe)
@@ -73,16 +56,13 @@ def build(data: harness.Data, quick: bool, patterns: list[str]) -> list[Any]:
         for spec in table
         if wanted(spec.name, jit, spe)
     ]
-    variants += [
-        harness.floor_variant(data, j) for j in jits if wanted("floor", j, None)
-    ]
-    notebook = (
-        harness.notebook_variants(data) if wanted("notebook-*", None, None) else []
-    )
-    return variants + [v for v in notebook if wanted(v.spec.name, None, None)]
+    variants += [harness.floor_variant(data, j) for j in jits if wanted("floor", j)]
+    if wanted("notebook-*"):
+        variants += [v for v in harness.notebook_variants(data) if wanted(v.spec.name)]
+    return variants
 
 
-def ratios(rows: list[dict[str, Any]], variants: list[Any], batches: int) -> dict:
+def ratios(rows: list[dict[str, Any]], variants: list[Variant], batches: int) -> dict:
     """The headline comparisons, each a paired wall and CPU ratio."""
     by_key = {variant.key: variant for variant in variants}
 
@@ -98,36 +78,30 @@ def ratios(rows: list[dict[str, Any]], variants: list[Any], batches: int) -> dic
         others = [row["fit_reference"], row["floor_reference"]]
         others += [f"{name} [{variant.settings}]" for name in variant.spec.compare]
         for other in others:
-            result = pair(variant.key, other)
-            if result and other != variant.key:
+            if other != variant.key and (result := pair(variant.key, other)):
                 entry[f"{variant.spec.name}/{other.split(' [')[0]}"] = result
 
     def best(family: str, name: str | None = None) -> str | None:
         keys = [r for r in rows if r["family"] == family and name in (None, r["name"])]
         return min(keys, key=lambda r: r["median_s"])["key"] if keys else None
 
-    fit, epoch, floor = (
-        best("keras-fit"),
-        best("accumulating", "acc-epoch"),
-        best("floor"),
-    )
+    def within(ratio: dict[str, float], limit: float) -> dict[str, bool]:
+        return {kind: value <= limit for kind, value in ratio.items()}
+
     reproduction = harness.settings_label(harness.REPRODUCTION_JIT, batches)
+    measured = per_settings.get(reproduction, {})
     targets: dict[str, Any] = {"settings": reproduction}
-    for name, result in per_settings.get(reproduction, {}).items():
-        mine, _, other = name.partition("/")
-        floor_ratio = per_settings[reproduction].get(f"{mine}/floor")
-        if other != "fit" or not mine.startswith("acc-") or floor_ratio is None:
-            continue
-        targets[mine] = {
-            "to_fit": result,
-            "to_floor": floor_ratio,
-            f"to_fit<={TARGET_TO_FIT}": {
-                k: v <= TARGET_TO_FIT for k, v in result.items()
-            },
-            f"to_floor<={TARGET_TO_FLOOR}": {
-                k: v <= TARGET_TO_FLOOR for k, v in floor_ratio.items()
-            },
-        }
+    for name in dict.fromkeys(key.partition("/")[0] for key in measured):
+        to_fit, to_floor = measured.get(f"{name}/fit"), measured.get(f"{name}/floor")
+        if name.startswith("acc-") and to_fit and to_floor:
+            targets[name] = {
+                "to_fit": to_fit,
+                "to_floor": to_floor,
+                f"to_fit<={TARGET_TO_FIT}": within(to_fit, TARGET_TO_FIT),
+                f"to_floor<={TARGET_TO_FLOOR}": within(to_floor, TARGET_TO_FLOOR),
+            }
+    fit, epoch = best("keras-fit"), best("accumulating", "acc-epoch")
+    floor = best("floor")
     return {
         "ratio_method": "median over rounds of per-round ratios (paired)",
         "best_fit": fit,
@@ -144,15 +118,7 @@ def ratios(rows: list[dict[str, Any]], variants: list[Any], batches: int) -> dic
     }
 
 
-COLUMNS = ["variant", "s/epoch", "min s", "CPU s", "samples/s", "x fit", "x fit CPU",
-           "x floor", "x floor CPU", "peak RSS MB", "+MB"]  # fmt: skip
-
-
 def plot(rows: list[dict[str, Any]]) -> Any:
-    """Horizontal bars of seconds per epoch, one a variant, log scale."""
-    plt = harness.pyplot()
-    from matplotlib.ticker import FormatStrFormatter
-
     figure, axes = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
     positions = range(len(rows) - 1, -1, -1)
     seconds = [row["median_s"] for row in rows]
@@ -179,36 +145,22 @@ def plot(rows: list[dict[str, Any]]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the benchmark; returns the process exit code."""
     parser = harness.parser(__doc__, epochs=20)
-    parser.add_argument(
-        "--only",
-        default="*",
-        help="comma-separated globs over variant labels (brackets are literal), "
-        "e.g. 'fit*,acc-epoch*,floor*' or '*jit=on spe=118]*'",
-    )
+    only = "comma-separated globs over labels (brackets literal), e.g. 'fit*,floor*'"
+    parser.add_argument("--only", default="*", help=only)
     args, meta, data = harness.start(parser, argv)
     variants = build(data, args.quick, [p.strip() for p in args.only.split(",")])
     if not variants:
         print(f"--only {args.only!r} matches no variant", file=sys.stderr)
         return 2
-    harness.log(
-        f"{len(variants)} variants, {data.description}, {data.batches} batches, "
-        f"{args.threads} thread(s), {args.warmup} warm-up + {args.epochs} timed epochs"
-    )
     harness.measure(variants, args.epochs, args.warmup)
     rows = harness.rows(variants, len(data.x))
     table, summary = harness.table(rows, COLUMNS), ratios(rows, variants, data.batches)
     harness.log(f"\n{table}\n\n{json.dumps(summary, indent=2)}")
-    meta.update(
-        only=args.only,
-        model="build_mlp() (784-128-64-32-10 tanh, 111,146 parameters)",
-        optimizer=f"SGD({harness.LEARNING_RATE})",
-        loss="SparseCategoricalCrossentropy(from_logits=True)",
-    )
+    meta.update(only=args.only, model="784-128-64-32-10 tanh, 111,146 parameters")
     report = {"results": rows, "ratios": summary, "table": table}
     subtitle = f"median of {args.epochs} epoch(s)"
-    harness.write_report(args, meta, data, "bench", report, plot(rows), subtitle)
+    harness.write_report(args, meta, "bench", report, plot(rows), subtitle)
     return 0
 
 

@@ -1,31 +1,31 @@
-"""The benchmarks' one harness: variant tables in, timed rows and reports out.
+"""The benchmarks' one harness: variant tables (`Spec` rows) in, reports out.
 
-``bench.py``, ``scaling.py`` and ``profile_fit.py`` (run as scripts, so this
-directory is on ``sys.path``) are tables of `Spec` rows over this module; the
-settings axes (``jit_compile``, ``steps_per_execution``) multiply a table into
-`Variant` objects. Every timing is made the same way (`measure`): one process,
-each variant warmed up (traced and, with XLA, compiled), then round-robin
-rounds of one epoch per variant; a variant's time is the median of its timed
-epochs and its ratios are paired per round (`paired_ratio`).
+Every timing is made the same way (`measure`): one process, each variant
+warmed up (traced and, with XLA, compiled), then round-robin rounds of one
+epoch per variant; a variant's time is the median of its timed epochs and its
+ratios are paired per round (`paired_ratio`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
 import math
-import os
 import platform
 import time
+from argparse import Namespace
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar
 
 import keras
+import matplotlib.pyplot as plt
 import numpy as np
+import psutil
 import tensorflow as tf
 
 try:
@@ -35,53 +35,51 @@ except ImportError:  # before the paper/ split
 from accumulate.twins import PAPER_HIDDEN_UNITS, build_mlp, make_twins
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
-BATCH_SIZE = 512
-LEARNING_RATE = 0.01
-SEED = 42
-QUICK_SAMPLES = 2048
-STARTED = time.perf_counter()
+BATCH_SIZE, LEARNING_RATE, SEED, QUICK_SAMPLES = 512, 0.01, 42, 2048
+STARTED, PROCESS = time.perf_counter(), psutil.Process()
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 DEFAULT_FIT = "fit [jit=off spe=1]"
 # The reproduction runner's setting: the one the overhead targets apply to.
 REPRODUCTION_JIT = training.JIT_COMPILE
+WIDE_PARAMETERS = 2_000_000  # wider models warm up short (and get --wide-epochs)
+# Wall and process CPU seconds: CPU time barely moves when other jobs take the
+# cores (on a shared machine, the steadier); wall time is what users wait for.
+EpochTime = tuple[float, float]
+log = functools.partial(print, flush=True)
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One row of a variant table.
-
-    ``model``: `AccumulatingModel` keyword arguments, or None for the plain
-    `keras.Model` twin (same seed, same weights). ``optimizer``: more
-    `keras.optimizers.SGD` keyword arguments. ``compare``: names of other
-    variants at the same settings to pair ratios with, besides plain fit and
-    the floor.
-    """
+    """A variant-table row. ``model``: `AccumulatingModel` arguments (None: the
+    plain twin); ``compare``: variants at the same settings to pair with."""
 
     name: str
     family: str
     model: dict[str, Any] | None = None
     optimizer: dict[str, Any] = field(default_factory=dict)
     compare: tuple[str, ...] = ()
+    hidden: tuple[int, ...] = PAPER_HIDDEN_UNITS
 
 
-# -- Command line, process and data ------------------------------------------
+FIT = Spec("fit", "keras-fit")
+
+
+def accumulating(steps: int | str, **more: Any) -> Spec:
+    return Spec(f"acc-{steps}", "accumulating", {"accumulation_steps": steps}, **more)
 
 
 def parser(doc: str, epochs: int, out: Path = RESULTS_DIR) -> argparse.ArgumentParser:
     """The options every script takes, so one BENCH_ARGS suits them all."""
-    first, rest = doc.split("\n\n", 1)
     result = argparse.ArgumentParser(
-        description=first,
-        epilog=rest,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = result.add_argument
-    add("--data-dir", default=os.environ.get("ACCUMULATE_DATA_DIR"))
+    add("--data-dir", help="MNIST directory (default: $ACCUMULATE_DATA_DIR)")
     add("--epochs", type=int, help=f"timed epochs a variant (default {epochs})")
     add("--warmup", type=int, default=1, help="untimed epochs a variant first")
     add("--out", type=Path, default=out, help="output directory")
     add("--quick", action="store_true", help="smoke test: synthetic, few variants")
     add("--threads", type=int, default=1, help="TensorFlow threads (default 1)")
-    add("--pin-cpus", help="comma-separated CPU ids to pin the process to")
     result.set_defaults(default_epochs=epochs)
     return result
 
@@ -102,13 +100,8 @@ class Data:
         self.dataset = self.pipeline()
 
     def pipeline(self, short: bool = False) -> tf.data.Dataset:
-        """`accumulate.training`'s pipeline: in order, cached, prefetched.
-
-        tf.data's own thread pool is capped so ``--threads`` holds for it
-        too. ``short`` keeps two full batches and the ragged tail: every
-        batch shape of an epoch, so warming up on it traces and compiles
-        them all in a fraction of a wide model's epoch.
-        """
+        """`accumulate.training`'s pipeline, its thread pool held to --threads;
+        ``short``: two full batches and the ragged tail, every batch shape."""
         x, y = self.x, self.y
         if short:
             keep = np.r_[: 2 * BATCH_SIZE, len(x) - len(x) % BATCH_SIZE : len(x)]
@@ -121,23 +114,18 @@ class Data:
 
 def start(
     parsed: argparse.ArgumentParser, argv: Sequence[str] | None
-) -> tuple[argparse.Namespace, dict[str, Any], Data]:
-    """Parses the command line, sets up the process, loads the data.
-
-    The thread counts are set first: TensorFlow's runtime reads them once,
-    when it runs its first op.
-    """
+) -> tuple[Namespace, dict[str, Any], Data]:
     args = parsed.parse_args(argv)
     args.epochs = args.epochs or (1 if args.quick else args.default_epochs)
     if args.epochs < 1 or args.threads < 1:
         parsed.error("--epochs and --threads must be >= 1")
-    if args.pin_cpus:
-        os.sched_setaffinity(0, {int(cpu) for cpu in args.pin_cpus.split(",")})
+    # Before the first op: TensorFlow's runtime reads these only once.
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     # Dozens of models in one process make TensorFlow warn about retracing:
     # expected here, and it would bury the progress lines.
     tf.get_logger().setLevel("ERROR")
+    plt.switch_backend("Agg")  # files only: no display needed
     if args.quick:
         rng = np.random.default_rng(SEED)
         images = rng.integers(0, 256, (QUICK_SAMPLES, 28, 28), dtype=np.uint8)
@@ -146,39 +134,37 @@ def start(
     else:
         (images, labels), _ = datasets.load_dataset("mnist", args.data_dir)
         description = f"MNIST train ({len(images)} samples)"
-    affinity = getattr(os, "sched_getaffinity", None)
+    data = Data(images, labels, description, args.threads)
+    log(f"{description}, {data.batches} batches, {args.threads} thread(s)")
+    affinity = getattr(PROCESS, "cpu_affinity", None)  # not on macOS
     meta = {
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
         "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": sorted(affinity(0)) if affinity else None,
+        "cpu_count": psutil.cpu_count(),
+        "cpu_affinity": sorted(affinity()) if affinity else None,
         "threads": args.threads,
-        "load_average_at_start": list(os.getloadavg()),
+        "load_average_at_start": list(psutil.getloadavg()),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data": description,
+        "num_samples": len(data.x),
+        "batch_size": BATCH_SIZE,
+        "batches_per_epoch": data.batches,
+        "timed_epochs": args.epochs,
+        "warmup_epochs": args.warmup,
+        "quick": args.quick,
+        "optimizer": f"SGD({LEARNING_RATE})",
+        "loss": "SparseCategoricalCrossentropy(from_logits=True)",
+        "statistic": "median of timed epochs; variants interleaved round-robin",
     }
-    return args, meta, Data(images, labels, description, args.threads)
-
-
-# -- Variants ------------------------------------------------------------------
-
-
-class EpochTime(NamedTuple):
-    """Wall and process CPU seconds of one epoch.
-
-    CPU time (all threads) barely moves when other jobs take the cores, so
-    on a shared machine it is the steadier one; wall time is what users wait.
-    """
-
-    wall: float
-    cpu: float
+    return args, meta, data
 
 
 def _clock() -> Callable[[], EpochTime]:
     wall, cpu = time.perf_counter(), time.process_time()
-    return lambda: EpochTime(time.perf_counter() - wall, time.process_time() - cpu)
+    return lambda: (time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def sync(model: Any) -> None:
@@ -186,12 +172,16 @@ def sync(model: Any) -> None:
     model.trainable_variables[-1].numpy()
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Times each epoch's training, the epoch-end flush included.
+def timed(run: Callable[[], Any], model: Any) -> EpochTime:
+    stop = _clock()
+    run()
+    sync(model)
+    return stop()
 
-    It stops after the callbacks placed before it (`AccumulatingModel`'s
-    flush is one) and after every queued update has run.
-    """
+
+class EpochTimer(keras.callbacks.Callback):
+    """Times an epoch's training: not `fit`'s set-up, but the callbacks placed
+    before it (`AccumulatingModel`'s flush) and every queued update."""
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self.stop = _clock()
@@ -202,18 +192,9 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def fit_epoch(model: Any, dataset: tf.data.Dataset) -> EpochTime:
-    """Runs one `fit` epoch (no validation) and returns its training time."""
     timer = EpochTimer()
     model.fit(dataset, epochs=1, verbose=0, callbacks=[timer], shuffle=False)
     return timer.time
-
-
-def timed(run: Callable[[], Any], model: Any) -> EpochTime:
-    """Time of ``run()`` until ``model``'s updates are done."""
-    stop = _clock()
-    run()
-    sync(model)
-    return stop()
 
 
 def settings_label(jit_compile: bool | None, steps_per_execution: int | None) -> str:
@@ -226,11 +207,7 @@ def settings_label(jit_compile: bool | None, steps_per_execution: int | None) ->
 
 @dataclass
 class Variant:
-    """One thing to time and, once `measure` has run it, its timings.
-
-    ``epoch_seconds[i]`` and ``epoch_cpu_seconds[i]`` come from round ``i``,
-    so two variants' lists pair up round by round.
-    """
+    """One thing to time and its timings; list entry ``i`` is from round ``i``."""
 
     spec: Spec
     run_epoch: Callable[[], EpochTime]
@@ -243,6 +220,9 @@ class Variant:
     warmup_seconds: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     rss_growth_mb: float = 0.0
+    REPORTED: ClassVar = ("settings", "jit_compile", "steps_per_execution",
+                          "epoch_seconds", "epoch_cpu_seconds", "warmup_seconds",
+                          "peak_rss_mb", "rss_growth_mb")  # fmt: skip
 
     @property
     def settings(self) -> str:
@@ -253,61 +233,38 @@ class Variant:
         return f"{self.spec.name} [{self.settings}]"
 
 
-def loss_function() -> keras.losses.Loss:
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def build_model(spec: Spec, hidden_units: tuple[int, ...] = PAPER_HIDDEN_UNITS) -> Any:
-    """The spec's twin of the MLP with ``hidden_units``, seeded with `SEED`."""
+def build_model(spec: Spec) -> Any:
     if spec.model is None:
         keras.utils.set_random_seed(SEED)
-        return build_mlp(hidden_units)
-    build = functools.partial(build_mlp, hidden_units)
+        return build_mlp(spec.hidden)
+    build = functools.partial(build_mlp, spec.hidden)
     return make_twins(SEED, build=build, **spec.model)[1]
 
 
-def compiled(
-    spec: Spec, jit: bool, spe: int, hidden: tuple[int, ...] = PAPER_HIDDEN_UNITS
-) -> Any:
-    """`build_model`, compiled with SGD(0.01), the loss and accuracy."""
-    model = build_model(spec, hidden)
+def compiled(spec: Spec, jit: bool, spe: int) -> Any:
+    model = build_model(spec)
+    optimizer = keras.optimizers.SGD(LEARNING_RATE, **spec.optimizer)
     model.compile(
-        optimizer=keras.optimizers.SGD(LEARNING_RATE, **spec.optimizer),
-        loss=loss_function(),
-        metrics=["accuracy"],
-        jit_compile=jit,
-        steps_per_execution=spe,
+        optimizer, LOSS, metrics=["accuracy"], jit_compile=jit, steps_per_execution=spe
     )
     return model
 
 
-def fit_variant(
-    spec: Spec,
-    data: Data,
-    jit: bool,
-    spe: int,
-    hidden: tuple[int, ...] = PAPER_HIDDEN_UNITS,
-    short_warmup: bool = False,
-) -> Variant:
-    """One `fit` epoch of the spec's model at the given settings."""
-    model = compiled(spec, jit, spe, hidden)
-    warm = data.pipeline(short=True) if short_warmup else data.dataset
+def fit_variant(spec: Spec, data: Data, jit: bool, spe: int) -> Variant:
+    """One `fit` epoch of the spec's model; a wide one warms up short."""
+    model = compiled(spec, jit, spe)
+    short = model.count_params() > WIDE_PARAMETERS
+    warm_up = functools.partial(fit_epoch, model, data.pipeline(short=short))
     run = functools.partial(fit_epoch, model, data.dataset)
-    return Variant(
-        spec, run, model, jit, spe, functools.partial(fit_epoch, model, warm)
-    )
+    return Variant(spec, run, model, jit, spe, warm_up)
 
 
 def floor_variant(data: Data, jit_compile: bool) -> Variant:
-    """A whole epoch of plain SGD as one `tf.function`: the speed floor.
-
-    The arithmetic of a `fit` step (forward pass, loss, gradient,
-    ``w -= lr * g``, loss and hit sums) without Keras's loop, metric objects,
-    optimizer or callbacks. Full batches are stacked so the loop body has the
-    static shape XLA needs; the ragged last batch is one more step.
-    """
+    """The speed floor: a `fit` step's arithmetic with no Keras loop, metrics,
+    optimizer or callbacks, a whole epoch in one `tf.function`. Full batches are
+    stacked for the static shape XLA needs; the ragged last is one more step."""
     spec = Spec("floor", "floor")
-    model, loss_fn = build_model(spec), loss_function()
+    model = build_model(spec)
     variables, full = model.trainable_variables, len(data.x) // BATCH_SIZE
     cut = full * BATCH_SIZE
     x_full = tf.constant(data.x[:cut].reshape(full, BATCH_SIZE, 28, 28))
@@ -317,10 +274,9 @@ def floor_variant(data: Data, jit_compile: bool) -> Variant:
     def step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
-            loss = loss_fn(y, logits)
-        for weight, gradient in zip(
-            variables, tape.gradient(loss, variables), strict=True
-        ):
+            loss = LOSS(y, logits)
+        gradients = tape.gradient(loss, variables)
+        for weight, gradient in zip(variables, gradients, strict=True):
             weight.assign_sub(LEARNING_RATE * gradient)
         hits = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y)
         return tf.stack([loss, tf.reduce_sum(tf.cast(hits, tf.float32))])
@@ -338,67 +294,43 @@ def floor_variant(data: Data, jit_compile: bool) -> Variant:
 def notebook_variants(data: Data) -> list[Variant]:
     """The notebook's two eager loops, on the notebook's own float64 pipeline."""
     dataset = notebook_loops.make_notebook_dataset(data.images, data.labels, BATCH_SIZE)
-    loops = {
-        "notebook-standard": notebook_loops.notebook_standard_epoch,
-        "notebook-accumulating": notebook_loops.notebook_accumulating_epoch,
-    }
     variants = []
-    for name, loop in loops.items():
-        spec = Spec(name, "notebook")
+    for name in ("standard", "accumulating"):
+        loop = getattr(notebook_loops, f"notebook_{name}_epoch")
+        spec = Spec(f"notebook-{name}", "notebook")
         model, optimizer = build_model(spec), keras.optimizers.SGD(LEARNING_RATE)
-        run = functools.partial(loop, model, optimizer, dataset, loss_function())
+        run = functools.partial(loop, model, optimizer, dataset, LOSS)
         variants.append(Variant(spec, functools.partial(timed, run, model), model))
     return variants
 
 
-# -- Measuring ---------------------------------------------------------------
-
-
-def _rss_mb(field_name: str) -> float:
-    """VmRSS (now) or VmHWM (peak since `_reset_peak`) of this process, MiB."""
-    try:
-        with open("/proc/self/status") as status:
-            line = next(line for line in status if line.startswith(field_name))
-        return int(line.split()[1]) / 1024
-    except (OSError, StopIteration):  # not Linux: the process-lifetime peak
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak() -> None:
-    try:  # Linux >= 4.0; elsewhere peaks are the process's lifetime peak
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        pass
+def _rss_mb(peak: bool = False) -> float:
+    """RSS now or, with ``peak``, its peak since the last reset (VmHWM, Linux)."""
+    status = Path("/proc/self/status")
+    if peak and status.exists():
+        return int(status.read_text().split("VmHWM:")[1].split()[0]) / 1024
+    return PROCESS.memory_info().rss / 2**20
 
 
 def _round_order(variants: Sequence[Variant], round_index: int) -> list[Variant]:
-    """This round's order: settings groups kept together, both rotated.
-
-    Variants compared with each other share settings and so run back to back,
-    seconds apart; rotating the groups and each group's members means none
-    always runs first or after the same neighbour.
-    """
+    """Settings groups (variants paired with each other) run back to back,
+    seconds apart; groups and members rotate, so none always runs first or
+    after the same neighbour."""
     groups: dict[str, list[Variant]] = {}
     for variant in variants:
         groups.setdefault(variant.settings, []).append(variant)
-    ordered = list(groups.values())
-    shift = round_index % len(ordered)
-    result = []
-    for group in ordered[shift:] + ordered[:shift]:
-        inner = round_index % len(group)
-        result += group[inner:] + group[:inner]
-    return result
+
+    def rotated(items: list[Any]) -> list[Any]:
+        shift = round_index % len(items)
+        return items[shift:] + items[:shift]
+
+    return [v for group in rotated(list(groups.values())) for v in rotated(group)]
 
 
 def measure(variants: Sequence[Variant], epochs: int, warmup: int) -> None:
-    """Warms every variant up, then times ``epochs`` round-robin rounds.
-
-    Peak RSS is the highest kernel peak mark over the variant's timed epochs
-    (reset before each); growth is that peak minus the RSS just before.
-    """
+    """Warms every variant up, then times ``epochs`` round-robin rounds. Peak
+    RSS: the highest over timed epochs; growth: that minus the RSS before."""
+    log(f"{len(variants)} variants, {warmup} warm-up + {epochs} timed epochs")
     for variant in variants:
         for _ in range(warmup):
             gc.collect()
@@ -408,31 +340,28 @@ def measure(variants: Sequence[Variant], epochs: int, warmup: int) -> None:
         round_start = time.perf_counter()
         for variant in _round_order(variants, round_index):
             gc.collect()
-            before = _rss_mb("VmRSS")
-            _reset_peak()
+            before = _rss_mb()
+            with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (Linux >= 4.0)
             wall, cpu = variant.run_epoch()
-            peak = _rss_mb("VmHWM")
+            peak = _rss_mb(peak=True)
             variant.epoch_seconds.append(wall)
             variant.epoch_cpu_seconds.append(cpu)
             variant.peak_rss_mb = max(variant.peak_rss_mb, peak)
             variant.rss_growth_mb = max(variant.rss_growth_mb, peak - before)
-        seconds, load = time.perf_counter() - round_start, os.getloadavg()[0]
+        seconds, load = time.perf_counter() - round_start, psutil.getloadavg()[0]
         log(f"  round {round_index + 1}/{epochs}: {seconds:.1f} s, load {load:.2f}")
 
 
 def paired_ratio(mine: Variant, theirs: Variant | None) -> dict[str, float] | None:
-    """Median over rounds of per-round epoch-time ratios, wall and CPU.
-
-    Both epochs of a round ran seconds apart, so a slow spell of the machine
-    hits both; the median drops the spells that hit only one.
-    """
+    """Median of per-round epoch-time ratios, wall and CPU: a slow spell of the
+    machine hits both epochs of a round, and the median drops ones that don't."""
     if theirs is None:
         return None
+    pairs = {"wall": "epoch_seconds", "cpu": "epoch_cpu_seconds"}
     return {
-        "wall": float(np.median(np.divide(mine.epoch_seconds, theirs.epoch_seconds))),
-        "cpu": float(
-            np.median(np.divide(mine.epoch_cpu_seconds, theirs.epoch_cpu_seconds))
-        ),
+        kind: float(np.median(np.divide(getattr(mine, name), getattr(theirs, name))))
+        for kind, name in pairs.items()
     }
 
 
@@ -441,55 +370,36 @@ def _bytes(variables: Iterable[Any]) -> int:
 
 
 def rows(variants: Sequence[Variant], num_samples: int) -> list[dict[str, Any]]:
-    """One JSON-ready row per measured variant, with its paired ratios.
-
-    Keras variants are compared with plain fit at the same settings and the
-    floor at the same jit; floors and notebook loops with fit at Keras's
-    defaults and the jit-off floor.
-    """
+    """A JSON row per variant with ratios to fit at the same settings and the
+    floor at the same jit (floor and notebook: to Keras's defaults, jit off)."""
     by_key = {variant.key: variant for variant in variants}
     result = []
-    for variant in variants:
-        spec, keras_loop = variant.spec, variant.steps_per_execution is not None
-        floor = settings_label(bool(variant.jit_compile), None)
-        references = {
-            "fit": f"fit [{variant.settings}]" if keras_loop else DEFAULT_FIT,
-            "floor": f"floor [{floor}]" if keras_loop else "floor [jit=off]",
-        }
-        state = getattr(variant.model, "_accumulation", None)
-        median = float(np.median(variant.epoch_seconds))
-        row = {"key": variant.key, "name": spec.name, "family": spec.family}
-        for name in ("settings", "jit_compile", "steps_per_execution"):
-            row[name] = getattr(variant, name)
+    for v in variants:
+        spec, keras_loop = v.spec, v.steps_per_execution is not None
+        median = float(np.median(v.epoch_seconds))
+        state = getattr(v.model, "_accumulation", None)
+        row = {"key": v.key, "name": spec.name, "family": spec.family}
+        row |= {name: getattr(v, name) for name in Variant.REPORTED}
         row["accumulation_steps"] = (spec.model or {}).get(
             "accumulation_steps", spec.optimizer.get("gradient_accumulation_steps")
         )
-        for name in ("epoch_seconds", "epoch_cpu_seconds", "warmup_seconds"):
-            row[name] = getattr(variant, name)
-        row["median_s"], row["min_s"] = median, min(variant.epoch_seconds)
-        row["cpu_median_s"] = float(np.median(variant.epoch_cpu_seconds))
+        row["median_s"], row["min_s"] = median, min(v.epoch_seconds)
+        row["cpu_median_s"] = float(np.median(v.epoch_cpu_seconds))
         row["samples_per_s"] = num_samples / median
+        references = {
+            "fit": f"fit [{v.settings}]" if keras_loop else DEFAULT_FIT,
+            "floor": f"floor [{settings_label(keras_loop and v.jit_compile, None)}]",
+        }
         for name, reference in references.items():
-            pair = paired_ratio(variant, by_key.get(reference)) or {}
+            pair = paired_ratio(v, by_key.get(reference)) or {}
             row[f"{name}_reference"] = reference
             row[f"ratio_to_{name}"] = pair.get("wall")
             row[f"cpu_ratio_to_{name}"] = pair.get("cpu")
-        row["peak_rss_mb"], row["rss_growth_mb"] = (
-            variant.peak_rss_mb,
-            variant.rss_growth_mb,
-        )
-        row["trainable_bytes"] = _bytes(variant.model.trainable_variables)
+        row["trainable_bytes"] = _bytes(v.model.trainable_variables)
         row["accumulator_bytes"] = state and _bytes(state.gradient_sums)
         row["accumulation_state_bytes"] = state and _bytes(state.variables_to_save)
         result.append(row)
     return result
-
-
-# -- Output ------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # Every column a table may show: header -> (row key, format).
@@ -515,53 +425,24 @@ def table(rows: Iterable[dict[str, Any]], headers: Sequence[str]) -> str:
     ]
     widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
     lines = [
-        "  ".join(
-            c.rjust(w) if i else c.ljust(w)
-            for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in cells
+        "  ".join([first.ljust(widths[0]), *map(str.rjust, rest, widths[1:])])
+        for first, *rest in cells
     ]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend: no display needed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_report(
-    args: argparse.Namespace,
-    meta: dict[str, Any],
-    data: Data,
-    stem: str,
-    report: dict[str, Any],
-    figure: Any,
-    subtitle: str,
+    args: Namespace, meta: dict, stem: str, report: dict, figure: Any, subtitle: str
 ) -> None:
-    """Completes ``meta``; writes ``<stem>.json`` and the figure's ``<stem>.png``."""
-    meta.update(
-        load_average_at_end=list(os.getloadavg()),
-        wall_seconds=time.perf_counter() - STARTED,
-        data=data.description,
-        num_samples=len(data.x),
-        batch_size=BATCH_SIZE,
-        batches_per_epoch=data.batches,
-        timed_epochs=args.epochs,
-        warmup_epochs=args.warmup,
-        quick=args.quick,
-        statistic="median of timed epochs; variants interleaved round-robin",
-    )
+    """Writes ``<stem>.json`` (``meta``, completed, and ``report``) and ``.png``."""
+    meta["load_average_at_end"] = list(psutil.getloadavg())
+    meta["wall_seconds"] = time.perf_counter() - STARTED
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}.json"
     path.write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")
-    title = f"{data.description}, batch {BATCH_SIZE}, {args.threads} thread(s)"
+    title = f"{meta['data']}, batch {BATCH_SIZE}, {args.threads} thread(s)"
     figure.suptitle(f"{title}, {subtitle}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path.with_suffix(".png"), dpi=120)
-    pyplot().close(figure)
+    plt.close(figure)
     log(f"\nwrote {path} and {path.with_suffix('.png')}")

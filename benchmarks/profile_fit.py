@@ -1,21 +1,10 @@
 """Where does `AccumulatingModel.fit`'s time go? Profiles against plain `fit`.
 
-For plain ``fit`` and `AccumulatingModel` with ``accumulation_steps`` 8 and
-``"epoch"``, at Keras's defaults (jit off, ``steps_per_execution`` 1, where
-per-batch Python work shows) and at the reproduction settings (jit on, a whole
-epoch per execution), this script
-
-1. profiles a multi-epoch ``fit`` with pyinstrument (call tree and flat
-   self-time list, as text files);
-2. times our work outside the graph: the epoch-end flush (empty and with a
-   window to apply), the state check it starts with and the
-   ``trainable_variables`` walk;
-3. counts the ops of one traced train step, plain against ours, so the extra
-   in-graph work per micro-batch shows (and any host transfer would).
-
-Needs pyinstrument (``make profile`` installs it). Usage::
-
-    python benchmarks/profile_fit.py --out results/profile
+Plain fit and accumulation_steps 8 and "epoch", at Keras's defaults (where
+per-batch Python work shows) and the reproduction settings: pyinstrument
+profiles of fit, the times of our work outside the graph (the epoch-end flush
+and what it calls), and the extra ops of a traced train step (host transfers
+included). Needs pyinstrument, which make profile installs.
 """
 
 from __future__ import annotations
@@ -23,7 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import sys
-import time
+import timeit
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,35 +20,23 @@ from typing import Any
 import harness
 import numpy as np
 import tensorflow as tf
-from harness import Spec
 
-SPECS = (
-    Spec("fit", "keras-fit"),
-    Spec("acc-8", "accumulating", {"accumulation_steps": 8}),
-    Spec("acc-epoch", "accumulating", {"accumulation_steps": "epoch"}),
-)
+SPECS = (harness.FIT, harness.accumulating(8), harness.accumulating("epoch"))
 # Ops that would move data between the device and Python inside a step.
 HOST_OPS = {"PyFunc", "EagerPyFunc", "PyFuncStateless", "_Send", "_Recv"}
 
 
 def per_call_us(function: Callable[[], Any], calls: int = 200) -> float:
     """Median over 5 repeats of the mean time of ``calls`` calls, in µs."""
-    repeats = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            function()
-        repeats.append((time.perf_counter() - start) / calls * 1e6)
-    return float(np.median(repeats))
+    seconds = timeit.repeat(function, number=calls, repeat=5)
+    return float(np.median(seconds)) / calls * 1e6
 
 
 def op_counts(model: Any) -> collections.Counter[str]:
     """Op types of one traced train step, nested function bodies included."""
-    spec = (
-        tf.TensorSpec([harness.BATCH_SIZE, 28, 28], tf.float32),
-        tf.TensorSpec([harness.BATCH_SIZE], tf.int32),
-    )
-    graph = tf.function(model.train_step).get_concrete_function(spec).graph
+    x = tf.TensorSpec([harness.BATCH_SIZE, 28, 28], tf.float32)
+    y = tf.TensorSpec([harness.BATCH_SIZE], tf.int32)
+    graph = tf.function(model.train_step).get_concrete_function((x, y)).graph
     graph_def = graph.as_graph_def()
     counts = collections.Counter(node.op for node in graph_def.node)
     for function in graph_def.library.function:
@@ -68,7 +45,7 @@ def op_counts(model: Any) -> collections.Counter[str]:
 
 
 def profile(model: Any, data: harness.Data, epochs: int, path: Path) -> float:
-    """Profiles ``epochs`` epochs of ``fit``; returns seconds per epoch."""
+    """Seconds per epoch of ``epochs`` profiled ones."""
     from pyinstrument import Profiler
 
     profiler = Profiler(interval=0.0002)
@@ -76,9 +53,8 @@ def profile(model: Any, data: harness.Data, epochs: int, path: Path) -> float:
     model.fit(data.dataset, epochs=epochs, verbose=0, shuffle=False)
     session = profiler.stop()
     path.with_suffix(".tree.txt").write_text(profiler.output_text(show_all=False))
-    path.with_suffix(".flat.txt").write_text(
-        profiler.output_text(flat=True, show_all=True)
-    )
+    flat = profiler.output_text(flat=True, show_all=True)
+    path.with_suffix(".flat.txt").write_text(flat)
     return session.duration / epochs
 
 
@@ -94,40 +70,36 @@ def outside_graph(model: Any, data: harness.Data) -> dict[str, float]:
     for _ in range(30):
         model.train_on_batch(x_batch, y_batch)
         harness.sync(model)
-        full.append(harness.timed(model.apply_accumulated_gradients, model).wall * 1e6)
+        full.append(harness.timed(model.apply_accumulated_gradients, model)[0] * 1e6)
     result["flush_full_window_us"] = float(np.median(full))
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the profiles; returns the process exit code."""
     parser = harness.parser(__doc__, epochs=5, out=harness.RESULTS_DIR / "profile")
     args, meta, data = harness.start(parser, argv)
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"meta": meta}
     counts: dict[str, collections.Counter[str]] = {}
     for jit, spe in ((False, 1), (True, data.batches)):
-        settings, section = harness.settings_label(jit, spe), {}
+        settings = harness.settings_label(jit, spe)
         for spec in SPECS:
             model = harness.compiled(spec, jit, spe)
             model.fit(data.dataset, epochs=args.warmup, verbose=0, shuffle=False)
             path = args.out / f"{spec.name}-jit{int(jit)}-spe{spe}"
-            entry = {
-                "profiled_seconds_per_epoch": profile(model, data, args.epochs, path)
-            }
+            seconds = profile(model, data, args.epochs, path)
+            entry = {"profiled_seconds_per_epoch": seconds}
             if spec.model is not None:
                 entry.update(outside_graph(model, data))
             # A train step's ops do not depend on jit or steps_per_execution.
-            if spec.name not in counts:
-                counts[spec.name] = op_counts(model)
-            section[spec.name] = entry
+            counts[spec.name] = counts.get(spec.name) or op_counts(model)
+            summary.setdefault(settings, {})[spec.name] = entry
             harness.log(f"{settings} {spec.name}: {json.dumps(entry)}")
-        summary[settings] = section
     fit = counts["fit"]
     summary["train_step_ops"] = {
         "total": {name: c.total() for name, c in counts.items()},
         "extra_over_fit": {
-            name: {op: n - fit[op] for op, n in sorted(c.items()) if n != fit[op]}
+            name: {op: c[op] - fit[op] for op in sorted(c | fit) if c[op] != fit[op]}
             for name, c in counts.items()
             if name != "fit"
         },
