@@ -1,508 +1,448 @@
-"""Shared pieces of the benchmarks: threads, data, timing, memory, the floor.
+"""The benchmarks' one harness: variant tables (`Spec` rows) in, reports out.
 
-Imported by ``bench.py``, ``scaling.py`` and ``profile_fit.py`` (run as
-scripts, so this directory is on ``sys.path``). Importing this module does not
-initialise TensorFlow's runtime (importing TensorFlow and Keras does not):
-call `configure_threads` before anything runs an op.
+Every timing is made the same way (`measure`): one process, each variant
+warmed up (traced and, with XLA, compiled), then round-robin rounds of one
+epoch per variant; a variant's time is the median of its timed epochs and its
+ratios are paired per round (`paired_ratio`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
 import gc
+import json
 import math
-import os
 import platform
 import time
+from argparse import Namespace
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import keras
+import matplotlib.pyplot as plt
 import numpy as np
+import psutil
 import tensorflow as tf
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS_DIR = REPO_ROOT / "results"
-BATCH_SIZE = 512
-LEARNING_RATE = 0.01
-SEED = 42
-QUICK_SAMPLES = 2048
+try:
+    from accumulate.paper import datasets, notebook_loops, training
+except ImportError:  # before the paper/ split
+    from accumulate import datasets, notebook_loops, training
+from accumulate.twins import PAPER_HIDDEN_UNITS, build_mlp, make_twins
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+BATCH_SIZE, LEARNING_RATE, SEED, QUICK_SAMPLES = 512, 0.01, 42, 2048
+STARTED, PROCESS = time.perf_counter(), psutil.Process()
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+DEFAULT_FIT = "fit [jit=off spe=1]"
+# The reproduction runner's setting: the one the overhead targets apply to.
+REPRODUCTION_JIT = training.JIT_COMPILE
+WIDE_PARAMETERS = 2_000_000  # wider models warm up short (and get --wide-epochs)
+# Wall and process CPU seconds: CPU time barely moves when other jobs take the
+# cores (on a shared machine, the steadier); wall time is what users wait for.
+EpochTime = tuple[float, float]
+log = functools.partial(print, flush=True)
 
 
-# -- Process set-up ---------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    """A variant-table row. ``model``: `AccumulatingModel` arguments (None: the
+    plain twin); ``compare``: variants at the same settings to pair with."""
+
+    name: str
+    family: str
+    model: dict[str, Any] | None = None
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    compare: tuple[str, ...] = ()
+    hidden: tuple[int, ...] = PAPER_HIDDEN_UNITS
 
 
-def configure_threads(threads: int) -> None:
-    """Limits TensorFlow to ``threads`` intra-op and inter-op threads.
-
-    Must run before TensorFlow executes anything: the runtime reads these
-    settings once, when it initialises.
-    """
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1; received {threads}.")
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+FIT = Spec("fit", "keras-fit")
 
 
-def quiet_tensorflow() -> None:
-    """Silences TensorFlow's Python warnings (the retracing notices that
-    building dozens of models in one process triggers)."""
-    tf.get_logger().setLevel("ERROR")
+def accumulating(steps: int | str, **more: Any) -> Spec:
+    return Spec(f"acc-{steps}", "accumulating", {"accumulation_steps": steps}, **more)
 
 
-def pin_to_cpus(cpus: Sequence[int]) -> None:
-    """Restricts this process to the given CPU ids (Linux only)."""
-    os.sched_setaffinity(0, set(cpus))
-
-
-def environment_info(threads: int) -> dict[str, Any]:
-    """Versions and machine facts to store next to the timings."""
-    affinity = (
-        sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+def parser(doc: str, epochs: int, out: Path = RESULTS_DIR) -> argparse.ArgumentParser:
+    """The options every script takes, so one BENCH_ARGS suits them all."""
+    result = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    return {
+    add = result.add_argument
+    add("--data-dir", help="MNIST directory (default: $ACCUMULATE_DATA_DIR)")
+    add("--epochs", type=int, help=f"timed epochs a variant (default {epochs})")
+    add("--warmup", type=int, default=1, help="untimed epochs a variant first")
+    add("--out", type=Path, default=out, help="output directory")
+    add("--quick", action="store_true", help="smoke test: synthetic, few variants")
+    add("--threads", type=int, default=1, help="TensorFlow threads (default 1)")
+    result.set_defaults(default_epochs=epochs)
+    return result
+
+
+@dataclass
+class Data:
+    """The training set as loaded (uint8) and as every `fit` sees it."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    description: str
+    threads: int
+
+    def __post_init__(self) -> None:
+        self.x = (self.images / np.float32(255.0)).astype(np.float32)
+        self.y = self.labels.astype(np.int32)
+        self.batches = math.ceil(len(self.x) / BATCH_SIZE)
+        self.dataset = self.pipeline()
+
+    def pipeline(self, short: bool = False) -> tf.data.Dataset:
+        """`accumulate.training`'s pipeline, its thread pool held to --threads;
+        ``short``: two full batches and the ragged tail, every batch shape."""
+        x, y = self.x, self.y
+        if short:
+            keep = np.r_[: 2 * BATCH_SIZE, len(x) - len(x) % BATCH_SIZE : len(x)]
+            x, y = x[keep], y[keep]
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = self.threads
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH_SIZE)
+        return dataset.cache().prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def start(
+    parsed: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[Namespace, dict[str, Any], Data]:
+    args = parsed.parse_args(argv)
+    args.epochs = args.epochs or (1 if args.quick else args.default_epochs)
+    if args.epochs < 1 or args.threads < 1:
+        parsed.error("--epochs and --threads must be >= 1")
+    # Before the first op: TensorFlow's runtime reads these only once.
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    # Dozens of models in one process make TensorFlow warn about retracing:
+    # expected here, and it would bury the progress lines.
+    tf.get_logger().setLevel("ERROR")
+    plt.switch_backend("Agg")  # files only: no display needed
+    if args.quick:
+        rng = np.random.default_rng(SEED)
+        images = rng.integers(0, 256, (QUICK_SAMPLES, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, QUICK_SAMPLES, dtype=np.uint8)
+        description = f"synthetic ({QUICK_SAMPLES} samples)"
+    else:
+        (images, labels), _ = datasets.load_dataset("mnist", args.data_dir)
+        description = f"MNIST train ({len(images)} samples)"
+    data = Data(images, labels, description, args.threads)
+    log(f"{description}, {data.batches} batches, {args.threads} thread(s)")
+    affinity = getattr(PROCESS, "cpu_affinity", None)  # not on macOS
+    meta = {
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "backend": keras.backend.backend(),
         "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "threads": threads,
-        "load_average_at_start": list(os.getloadavg()),
+        "cpu_count": psutil.cpu_count(),
+        "cpu_affinity": sorted(affinity()) if affinity else None,
+        "threads": args.threads,
+        "load_average_at_start": list(psutil.getloadavg()),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data": description,
+        "num_samples": len(data.x),
+        "batch_size": BATCH_SIZE,
+        "batches_per_epoch": data.batches,
+        "timed_epochs": args.epochs,
+        "warmup_epochs": args.warmup,
+        "quick": args.quick,
+        "optimizer": f"SGD({LEARNING_RATE})",
+        "loss": "SparseCategoricalCrossentropy(from_logits=True)",
+        "statistic": "median of timed epochs; variants interleaved round-robin",
     }
+    return args, meta, data
 
 
-# -- Data -------------------------------------------------------------------
+def _clock() -> Callable[[], EpochTime]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    return lambda: (time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def load_mnist_train(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST's 60,000 training images (uint8, 28x28) and labels (uint8)."""
-    from accumulate.datasets import load_dataset
-
-    (images, labels), _ = load_dataset("mnist", data_dir)
-    return images, labels
-
-
-def synthetic_mnist(
-    num_samples: int, seed: int = SEED
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random MNIST-shaped uint8 images and labels, for quick runs."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (num_samples, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, num_samples, dtype=np.uint8)
-    return images, labels
-
-
-def to_float(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Images scaled to [0, 1] as float32 and labels as int32."""
-    return (images / np.float32(255.0)).astype(np.float32), labels.astype(np.int32)
-
-
-def fit_dataset(
-    x: np.ndarray, y: np.ndarray, batch_size: int, threads: int
-) -> tf.data.Dataset:
-    """The dataset fed to every `fit`: `accumulate.training`'s pipeline.
-
-    In-memory tensors, batched in order (no shuffling), cached and prefetched,
-    with tf.data's private thread pool limited to ``threads``.
-    """
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).cache()
-    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
-
-
-def num_batches(num_samples: int, batch_size: int) -> int:
-    """Batches per epoch, counting a ragged last batch."""
-    return math.ceil(num_samples / batch_size)
-
-
-# -- Models -----------------------------------------------------------------
-
-
-def loss_function() -> Any:
-    """The benchmark's loss: sparse categorical cross-entropy on logits."""
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def compile_for_fit(
-    model: Any,
-    *,
-    jit_compile: bool,
-    steps_per_execution: int,
-    gradient_accumulation_steps: int | None = None,
-) -> None:
-    """Compiles ``model`` with SGD(0.01), the loss above and accuracy."""
-    optimizer = keras.optimizers.SGD(
-        LEARNING_RATE, gradient_accumulation_steps=gradient_accumulation_steps
-    )
-    model.compile(
-        optimizer=optimizer,
-        loss=loss_function(),
-        metrics=["accuracy"],
-        jit_compile=jit_compile,
-        steps_per_execution=steps_per_execution,
-    )
-
-
-# -- Timing -----------------------------------------------------------------
-
-
-def _sync(model: Any) -> None:
+def sync(model: Any) -> None:
     """Blocks until every queued update of ``model`` has run."""
     model.trainable_variables[-1].numpy()
 
 
-@dataclass(frozen=True)
-class EpochTime:
-    """How long one epoch took: wall-clock and process CPU seconds.
-
-    CPU time (all threads of the process) barely moves when other jobs take
-    the cores away from us, so on a shared machine it is the steadier of the
-    two; wall time is what a user waits for.
-    """
-
-    wall: float
-    cpu: float
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self._wall = time.perf_counter()
-        self._cpu = time.process_time()
-
-    def stop(self) -> EpochTime:
-        return EpochTime(
-            time.perf_counter() - self._wall, time.process_time() - self._cpu
-        )
+def timed(run: Callable[[], Any], model: Any) -> EpochTime:
+    stop = _clock()
+    run()
+    sync(model)
+    return stop()
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """A Keras callback timing the training part of each epoch.
-
-    The clock starts in ``on_epoch_begin`` and stops in ``on_epoch_end`` after
-    the callbacks placed before it, so it includes `AccumulatingModel`'s
-    epoch-end flush, and after reading a weight, so queued updates are done.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[EpochTime] = []
-        self._clock = _Clock()
+    """Times an epoch's training: not `fit`'s set-up, but the callbacks placed
+    before it (`AccumulatingModel`'s flush) and every queued update."""
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        self._clock = _Clock()
+        self.stop = _clock()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        _sync(self.model)
-        self.times.append(self._clock.stop())
+        sync(self.model)
+        self.time = self.stop()
 
 
-def fit_one_epoch(model: Any, dataset: tf.data.Dataset) -> EpochTime:
-    """Runs one `fit` epoch (no validation) and returns its training time."""
+def fit_epoch(model: Any, dataset: tf.data.Dataset) -> EpochTime:
     timer = EpochTimer()
     model.fit(dataset, epochs=1, verbose=0, callbacks=[timer], shuffle=False)
-    return timer.times[-1]
+    return timer.time
 
 
-def timed(run: Callable[[], Any], sync: Callable[[], Any]) -> EpochTime:
-    """Time taken by ``run()`` followed by ``sync()``."""
-    clock = _Clock()
-    run()
-    sync()
-    return clock.stop()
-
-
-# -- Memory -----------------------------------------------------------------
-
-
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def current_rss_mb() -> float:
-    """This process's resident set size now, in MiB."""
-    kib = _status_kib("VmRSS")
-    if kib is None:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    return kib / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Resets the kernel's peak-RSS mark (Linux >= 4.0); False if impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS since the last `reset_peak_rss` (or process start), in MiB."""
-    kib = _status_kib("VmHWM")
-    if kib is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return kib / 1024
-
-
-# -- Round-robin measurement -----------------------------------------------
+def settings_label(jit_compile: bool | None, steps_per_execution: int | None) -> str:
+    """``jit=on spe=118``, ``jit=off`` (the floor) or ``eager`` (the notebook)."""
+    if jit_compile is None:
+        return "eager"
+    jit = f"jit={'on' if jit_compile else 'off'}"
+    return jit if steps_per_execution is None else f"{jit} spe={steps_per_execution}"
 
 
 @dataclass
 class Variant:
-    """One thing to time: a way of training one epoch, and its settings."""
+    """One thing to time and its timings; list entry ``i`` is from round ``i``."""
 
-    name: str
-    family: str
+    spec: Spec
     run_epoch: Callable[[], EpochTime]
+    model: Any
     jit_compile: bool | None = None
     steps_per_execution: int | None = None
-    accumulation_steps: int | str | None = None
     warm_up: Callable[[], EpochTime] | None = None
-    """Runs an untimed warm-up epoch; `run_epoch` when None."""
-
-    @property
-    def settings(self) -> str:
-        """``jit=on|off spe=N`` (or ``eager`` for the notebook's loops)."""
-        if self.jit_compile is None and self.steps_per_execution is None:
-            return "eager"
-        jit = "on" if self.jit_compile else "off"
-        if self.steps_per_execution is None:
-            return f"jit={jit}"
-        return f"jit={jit} spe={self.steps_per_execution}"
-
-    @property
-    def key(self) -> str:
-        """Unique label: name and settings."""
-        return f"{self.name} [{self.settings}]"
-
-
-@dataclass
-class Measurement:
-    """Timings and memory of one variant across its timed epochs.
-
-    ``seconds[i]`` and ``cpu_seconds[i]`` come from round ``i``, so two
-    variants' lists pair up epoch by epoch (see `paired_ratio`).
-    """
-
-    seconds: list[float] = field(default_factory=list)
-    cpu_seconds: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_cpu_seconds: list[float] = field(default_factory=list)
     warmup_seconds: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     rss_growth_mb: float = 0.0
+    REPORTED: ClassVar = ("settings", "jit_compile", "steps_per_execution",
+                          "epoch_seconds", "epoch_cpu_seconds", "warmup_seconds",
+                          "peak_rss_mb", "rss_growth_mb")  # fmt: skip
 
     @property
-    def median_seconds(self) -> float:
-        return float(np.median(self.seconds))
+    def settings(self) -> str:
+        return settings_label(self.jit_compile, self.steps_per_execution)
 
     @property
-    def median_cpu_seconds(self) -> float:
-        return float(np.median(self.cpu_seconds))
+    def key(self) -> str:
+        return f"{self.spec.name} [{self.settings}]"
 
 
-def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
-    """Median over rounds of the per-round ratio of two variants' epoch times.
+def build_model(spec: Spec) -> Any:
+    if spec.model is None:
+        keras.utils.set_random_seed(SEED)
+        return build_mlp(spec.hidden)
+    build = functools.partial(build_mlp, spec.hidden)
+    return make_twins(SEED, build=build, **spec.model)[1]
 
-    Both were timed in the same round, a few seconds apart, so a slow spell
-    of the machine hits both; the median then drops the spells that hit only
-    one of them.
-    """
-    return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
+
+def compiled(spec: Spec, jit: bool, spe: int) -> Any:
+    model = build_model(spec)
+    optimizer = keras.optimizers.SGD(LEARNING_RATE, **spec.optimizer)
+    model.compile(
+        optimizer, LOSS, metrics=["accuracy"], jit_compile=jit, steps_per_execution=spe
+    )
+    return model
+
+
+def fit_variant(spec: Spec, data: Data, jit: bool, spe: int) -> Variant:
+    """One `fit` epoch of the spec's model; a wide one warms up short."""
+    model = compiled(spec, jit, spe)
+    short = model.count_params() > WIDE_PARAMETERS
+    warm_up = functools.partial(fit_epoch, model, data.pipeline(short=short))
+    run = functools.partial(fit_epoch, model, data.dataset)
+    return Variant(spec, run, model, jit, spe, warm_up)
+
+
+def floor_variant(data: Data, jit_compile: bool) -> Variant:
+    """The speed floor: a `fit` step's arithmetic with no Keras loop, metrics,
+    optimizer or callbacks, a whole epoch in one `tf.function`. Full batches are
+    stacked for the static shape XLA needs; the ragged last is one more step."""
+    spec = Spec("floor", "floor")
+    model = build_model(spec)
+    variables, full = model.trainable_variables, len(data.x) // BATCH_SIZE
+    cut = full * BATCH_SIZE
+    x_full = tf.constant(data.x[:cut].reshape(full, BATCH_SIZE, 28, 28))
+    y_full = tf.constant(data.y[:cut].reshape(full, BATCH_SIZE))
+    x_tail, y_tail = tf.constant(data.x[cut:]), tf.constant(data.y[cut:])
+
+    def step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = LOSS(y, logits)
+        gradients = tape.gradient(loss, variables)
+        for weight, gradient in zip(variables, gradients, strict=True):
+            weight.assign_sub(LEARNING_RATE * gradient)
+        hits = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y)
+        return tf.stack([loss, tf.reduce_sum(tf.cast(hits, tf.float32))])
+
+    @tf.function(jit_compile=jit_compile)
+    def epoch() -> tf.Tensor:
+        sums = tf.zeros(2)
+        for index in tf.range(full):
+            sums += step(x_full[index], y_full[index])
+        return sums + step(x_tail, y_tail) if cut < len(data.x) else sums
+
+    return Variant(spec, lambda: timed(epoch, model), model, jit_compile)
+
+
+def notebook_variants(data: Data) -> list[Variant]:
+    """The notebook's two eager loops, on the notebook's own float64 pipeline."""
+    dataset = notebook_loops.make_notebook_dataset(data.images, data.labels, BATCH_SIZE)
+    variants = []
+    for name in ("standard", "accumulating"):
+        loop = getattr(notebook_loops, f"notebook_{name}_epoch")
+        spec = Spec(f"notebook-{name}", "notebook")
+        model, optimizer = build_model(spec), keras.optimizers.SGD(LEARNING_RATE)
+        run = functools.partial(loop, model, optimizer, dataset, LOSS)
+        variants.append(Variant(spec, functools.partial(timed, run, model), model))
+    return variants
+
+
+def _rss_mb(peak: bool = False) -> float:
+    """RSS now or, with ``peak``, its peak since the last reset (VmHWM, Linux)."""
+    status = Path("/proc/self/status")
+    if peak and status.exists():
+        return int(status.read_text().split("VmHWM:")[1].split()[0]) / 1024
+    return PROCESS.memory_info().rss / 2**20
 
 
 def _round_order(variants: Sequence[Variant], round_index: int) -> list[Variant]:
-    """This round's order: settings groups kept together, both rotated.
-
-    Variants with the same settings (the ones compared with each other) run
-    back to back, so their epochs are seconds apart; rotating the groups and
-    the variants inside each group means nobody always runs first or after
-    the same neighbour.
-    """
+    """Settings groups (variants paired with each other) run back to back,
+    seconds apart; groups and members rotate, so none always runs first or
+    after the same neighbour."""
     groups: dict[str, list[Variant]] = {}
     for variant in variants:
         groups.setdefault(variant.settings, []).append(variant)
-    group_list = list(groups.values())
-    shift = round_index % len(group_list)
-    order = []
-    for group in group_list[shift:] + group_list[:shift]:
-        inner = round_index % len(group)
-        order += group[inner:] + group[:inner]
-    return order
+
+    def rotated(items: list[Any]) -> list[Any]:
+        shift = round_index % len(items)
+        return items[shift:] + items[:shift]
+
+    return [v for group in rotated(list(groups.values())) for v in rotated(group)]
 
 
-def measure_round_robin(
-    variants: Sequence[Variant],
-    epochs: int,
-    warmup: int,
-    log: Callable[[str], None] = print,
-) -> dict[str, Measurement]:
-    """Warms every variant up, then times ``epochs`` epochs of each, interleaved.
-
-    Each round runs one epoch of every variant (see `_round_order`). Peak RSS
-    is the highest kernel peak-RSS mark seen during the variant's timed
-    epochs (reset before each epoch); growth is that peak minus the RSS just
-    before the epoch.
-    """
-    results = {variant.key: Measurement() for variant in variants}
+def measure(variants: Sequence[Variant], epochs: int, warmup: int) -> None:
+    """Warms every variant up, then times ``epochs`` round-robin rounds. Peak
+    RSS: the highest over timed epochs; growth: that minus the RSS before."""
+    log(f"{len(variants)} variants, {warmup} warm-up + {epochs} timed epochs")
     for variant in variants:
         for _ in range(warmup):
             gc.collect()
-            warm_up = variant.warm_up or variant.run_epoch
-            results[variant.key].warmup_seconds.append(warm_up().wall)
-        warmups = ", ".join(f"{s:.2f}" for s in results[variant.key].warmup_seconds)
-        log(f"  warmed up {variant.key}: {warmups} s")
+            variant.warmup_seconds.append((variant.warm_up or variant.run_epoch)()[0])
+        log(f"  warmed up {variant.key}: {variant.warmup_seconds} s")
     for round_index in range(epochs):
         round_start = time.perf_counter()
         for variant in _round_order(variants, round_index):
             gc.collect()
-            before = current_rss_mb()
-            reset_peak_rss()
-            epoch_time = variant.run_epoch()
-            peak = peak_rss_mb()
-            measurement = results[variant.key]
-            measurement.seconds.append(epoch_time.wall)
-            measurement.cpu_seconds.append(epoch_time.cpu)
-            measurement.peak_rss_mb = max(measurement.peak_rss_mb, peak)
-            measurement.rss_growth_mb = max(measurement.rss_growth_mb, peak - before)
-        seconds = time.perf_counter() - round_start
-        load = os.getloadavg()[0]
+            before = _rss_mb()
+            with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (Linux >= 4.0)
+            wall, cpu = variant.run_epoch()
+            peak = _rss_mb(peak=True)
+            variant.epoch_seconds.append(wall)
+            variant.epoch_cpu_seconds.append(cpu)
+            variant.peak_rss_mb = max(variant.peak_rss_mb, peak)
+            variant.rss_growth_mb = max(variant.rss_growth_mb, peak - before)
+        seconds, load = time.perf_counter() - round_start, psutil.getloadavg()[0]
         log(f"  round {round_index + 1}/{epochs}: {seconds:.1f} s, load {load:.2f}")
-    return results
 
 
-# -- The floor --------------------------------------------------------------
-
-
-def make_floor_epoch(
-    model: Any,
-    x: np.ndarray,
-    y: np.ndarray,
-    batch_size: int,
-    jit_compile: bool,
-) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
-    """A whole epoch of plain SGD as one `tf.function`: the speed floor.
-
-    The data lives in memory as tensors; the full batches are stacked so the
-    loop body has a static shape (which XLA needs) and the ragged last batch
-    is one more step after the loop. Each step is the forward pass, the loss
-    and its gradient, ``w -= lr * g`` and the running loss and accuracy sums:
-    the same arithmetic as a `fit` step, with none of Keras's loop, metrics
-    objects, optimizer or callbacks around it.
-
-    Returns:
-        a function running one epoch and returning (mean batch loss,
-        accuracy) as tensors.
-    """
-    loss_fn = loss_function()
-    full = len(x) // batch_size
-    x_full = tf.constant(x[: full * batch_size].reshape(full, batch_size, *x.shape[1:]))
-    y_full = tf.constant(y[: full * batch_size].reshape(full, batch_size))
-    x_tail = tf.constant(x[full * batch_size :])
-    y_tail = tf.constant(y[full * batch_size :])
-    has_tail = len(x_tail) > 0
-    variables = model.trainable_variables
-    learning_rate = tf.constant(LEARNING_RATE, tf.float32)
-
-    def sgd_step(x_batch: tf.Tensor, y_batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        with tf.GradientTape() as tape:
-            logits = model(x_batch, training=True)
-            loss = loss_fn(y_batch, logits)
-        gradients = tape.gradient(loss, variables)
-        for variable, gradient in zip(variables, gradients, strict=True):
-            variable.assign_sub(learning_rate * gradient)
-        predictions = tf.argmax(logits, axis=1, output_type=tf.int32)
-        correct = tf.reduce_sum(tf.cast(tf.equal(predictions, y_batch), tf.float32))
-        return loss, correct
-
-    @tf.function(jit_compile=jit_compile)
-    def epoch() -> tuple[tf.Tensor, tf.Tensor]:
-        loss_sum = tf.constant(0.0)
-        correct_sum = tf.constant(0.0)
-        for index in tf.range(full):
-            loss, correct = sgd_step(x_full[index], y_full[index])
-            loss_sum += loss
-            correct_sum += correct
-        batches = full
-        if has_tail:
-            loss, correct = sgd_step(x_tail, y_tail)
-            loss_sum += loss
-            correct_sum += correct
-            batches += 1
-        return loss_sum / batches, correct_sum / len(x)
-
-    return epoch
-
-
-def floor_variant(
-    model: Any, x: np.ndarray, y: np.ndarray, batch_size: int, jit_compile: bool
-) -> Variant:
-    """The floor as a `Variant` (settings: its jit flag only)."""
-    epoch = make_floor_epoch(model, x, y, batch_size, jit_compile)
-
-    def run_epoch() -> EpochTime:
-        return timed(epoch, lambda: _sync(model))
-
-    return Variant("floor", "floor", run_epoch, jit_compile=jit_compile)
-
-
-# -- Output helpers ---------------------------------------------------------
-
-
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A plain-text table with left-aligned first column, right-aligned rest."""
-    rows = [list(map(str, row)) for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (
-            cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)
-        )
-        return "  ".join([first, *rest])
-
-    separator = "  ".join("-" * width for width in widths)
-    return "\n".join([line(headers), separator, *(line(row) for row in rows)])
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    """``numerator / denominator``, or None when either is missing."""
-    if numerator is None or not denominator:
+def paired_ratio(mine: Variant, theirs: Variant | None) -> dict[str, float] | None:
+    """Median of per-round epoch-time ratios, wall and CPU: a slow spell of the
+    machine hits both epochs of a round, and the median drops ones that don't."""
+    if theirs is None:
         return None
-    return numerator / denominator
+    pairs = {"wall": "epoch_seconds", "cpu": "epoch_cpu_seconds"}
+    return {
+        kind: float(np.median(np.divide(getattr(mine, name), getattr(theirs, name))))
+        for kind, name in pairs.items()
+    }
 
 
-def format_ratio(value: float | None) -> str:
-    """``1.234x`` or ``-``."""
-    return "-" if value is None else f"{value:.3f}x"
+def _bytes(variables: Iterable[Any]) -> int:
+    return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in variables)
 
 
-def start(args: Any) -> tuple[dict[str, Any], np.ndarray, np.ndarray, str]:
-    """Pins threads and CPUs as ``args`` say, then loads the data to time.
+def rows(variants: Sequence[Variant], num_samples: int) -> list[dict[str, Any]]:
+    """A JSON row per variant with ratios to fit at the same settings and the
+    floor at the same jit (floor and notebook: to Keras's defaults, jit off)."""
+    by_key = {variant.key: variant for variant in variants}
+    result = []
+    for v in variants:
+        spec, keras_loop = v.spec, v.steps_per_execution is not None
+        median = float(np.median(v.epoch_seconds))
+        state = getattr(v.model, "_accumulation", None)
+        row = {"key": v.key, "name": spec.name, "family": spec.family}
+        row |= {name: getattr(v, name) for name in Variant.REPORTED}
+        row["accumulation_steps"] = (spec.model or {}).get(
+            "accumulation_steps", spec.optimizer.get("gradient_accumulation_steps")
+        )
+        row["median_s"], row["min_s"] = median, min(v.epoch_seconds)
+        row["cpu_median_s"] = float(np.median(v.epoch_cpu_seconds))
+        row["samples_per_s"] = num_samples / median
+        references = {
+            "fit": f"fit [{v.settings}]" if keras_loop else DEFAULT_FIT,
+            "floor": f"floor [{settings_label(keras_loop and v.jit_compile, None)}]",
+        }
+        for name, reference in references.items():
+            pair = paired_ratio(v, by_key.get(reference)) or {}
+            row[f"{name}_reference"] = reference
+            row[f"ratio_to_{name}"] = pair.get("wall")
+            row[f"cpu_ratio_to_{name}"] = pair.get("cpu")
+        row["trainable_bytes"] = _bytes(v.model.trainable_variables)
+        row["accumulator_bytes"] = state and _bytes(state.gradient_sums)
+        row["accumulation_state_bytes"] = state and _bytes(state.variables_to_save)
+        result.append(row)
+    return result
 
-    Returns the environment description, the images and labels, and a line
-    saying what the data is (``--quick``: small synthetic MNIST).
-    """
-    if args.pin_cpus:
-        pin_to_cpus([int(cpu) for cpu in args.pin_cpus.split(",")])
-    configure_threads(args.threads)
-    quiet_tensorflow()
-    info = environment_info(args.threads)
-    if args.quick:
-        images, labels = synthetic_mnist(QUICK_SAMPLES)
-        return info, images, labels, f"synthetic ({len(images)} samples)"
-    images, labels = load_mnist_train(args.data_dir)
-    return info, images, labels, f"MNIST train ({len(images)} samples)"
+
+# Every column a table may show: header -> (row key, format).
+COLUMNS = {
+    "variant": ("key", "{}"), "name": ("name", "{}"), "width": ("width", "{}"),
+    "params": ("parameters", "{:,}"), "s/epoch": ("median_s", "{:.3f}"),
+    "min s": ("min_s", "{:.3f}"), "CPU s": ("cpu_median_s", "{:.3f}"),
+    "samples/s": ("samples_per_s", "{:,.0f}"), "x fit": ("ratio_to_fit", "{:.3f}x"),
+    "x fit CPU": ("cpu_ratio_to_fit", "{:.3f}x"),
+    "x floor": ("ratio_to_floor", "{:.3f}x"),
+    "x floor CPU": ("cpu_ratio_to_floor", "{:.3f}x"),
+    "peak RSS MB": ("peak_rss_mb", "{:.0f}"), "+MB": ("rss_growth_mb", "{:.1f}"),
+    "weights B": ("trainable_bytes", "{:,}"), "accum. B": ("accumulator_bytes", "{:,}"),
+}  # fmt: skip
+
+
+def table(rows: Iterable[dict[str, Any]], headers: Sequence[str]) -> str:
+    """A plain-text table of the `COLUMNS` named by ``headers``; None: ``-``."""
+    columns = [COLUMNS[header] for header in headers]
+    cells = [list(headers)]
+    cells += [
+        ["-" if r[k] is None else f.format(r[k]) for k, f in columns] for r in rows
+    ]
+    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
+    lines = [
+        "  ".join([first.ljust(widths[0]), *map(str.rjust, rest, widths[1:])])
+        for first, *rest in cells
+    ]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def write_report(
+    args: Namespace, meta: dict, stem: str, report: dict, figure: Any, subtitle: str
+) -> None:
+    """Writes ``<stem>.json`` (``meta``, completed, and ``report``) and ``.png``."""
+    meta["load_average_at_end"] = list(psutil.getloadavg())
+    meta["wall_seconds"] = time.perf_counter() - STARTED
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{stem}.json"
+    path.write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")
+    title = f"{meta['data']}, batch {BATCH_SIZE}, {args.threads} thread(s)"
+    figure.suptitle(f"{title}, {subtitle}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path.with_suffix(".png"), dpi=120)
+    plt.close(figure)
+    log(f"\nwrote {path} and {path.with_suffix('.png')}")
