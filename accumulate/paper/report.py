@@ -719,15 +719,15 @@ def _reference_section(runs: Sequence[Run], folder: Path) -> list[str]:
                         f"{comparison.differences[model, metric]:.2e}",
                     ]
                 )
-            rows[-1].append(
-                f"{comparison.same_predictions[model]}/{comparison.test_samples}"
-            )
-            for row in rows[-len(METRICS) : -1]:
-                row.append("")
+        predictions = " and ".join(
+            f"{comparison.same_predictions[model]}/{comparison.test_samples} ({model})"
+            for model in MODELS
+        )
+        weights = "identical" if comparison.same_initial_weights else "different"
         lines.append("")
         lines.append(
             f"* `{run.path.name}`: {comparison.summary}; initial weights "
-            + ("identical." if comparison.same_initial_weights else "differ.")
+            f"{weights}; test-set predictions the same for {predictions}."
         )
     if rows:
         header = [
@@ -738,7 +738,6 @@ def _reference_section(runs: Sequence[Run], folder: Path) -> list[str]:
             "this run",
             "reference",
             "largest difference",
-            "same test predictions",
         ]
         lines += ["", *_table(header, rows)]
     if missing:

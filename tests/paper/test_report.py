@@ -150,6 +150,9 @@ def test_report_has_the_reference_section_only_when_asked(fresh_and_reference):
         report
     )
     assert "No reference run for: `history-seed2.json`." in report
+    assert "initial weights identical; test-set predictions the same for 50/50" in (
+        report
+    )
     build_report(fresh)
     assert "reference run" not in (fresh / "mnist" / "report.md").read_text()
     build_report(reference, reference_dir=reference)  # itself: nothing to compare
