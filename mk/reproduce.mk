@@ -37,8 +37,8 @@ reproduce-adam: $(STAMP)
 report: $(STAMP)
 	$(PY) -m accumulate report --out $(RUNS) --reference $(REFERENCE)
 
-# Re-trains every committed reference run into $(REFERENCE) (~8 min with 2
-# jobs): the three sets above. Commit the result only on purpose.
+# Re-trains every committed reference run into $(REFERENCE): the three sets
+# above (12 runs). Commit the result only on purpose.
 reference: $(STAMP)
 	$(REGENERATE) --epochs 200 --seeds 42 1 2 3 4
 	$(REGENERATE) --epochs 50 --seeds 42 --optimizer adam --learning-rate 0.01
