@@ -7,10 +7,10 @@ Example:
     'epoch'
 """
 
-from accumulate.accumulator import GradientAccumulator
-from accumulate.model import AccumulatingModel
-from accumulate.schedule import validate_accumulation_steps
-from accumulate.twins import build_mlp, make_twins
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -22,3 +22,33 @@ __all__ = [
     "make_twins",
     "validate_accumulation_steps",
 ]
+
+# The public names are loaded on first use (PEP 562) because they pull in
+# TensorFlow, which takes seconds and prints its start-up banner: `python -m
+# accumulate --help` and `import accumulate.paper.config` must not pay for it.
+_LAZY = {
+    "AccumulatingModel": "accumulate.model",
+    "GradientAccumulator": "accumulate.accumulator",
+    "build_mlp": "accumulate.twins",
+    "make_twins": "accumulate.twins",
+    "validate_accumulation_steps": "accumulate.schedule",
+}
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from accumulate.accumulator import GradientAccumulator
+    from accumulate.model import AccumulatingModel
+    from accumulate.schedule import validate_accumulation_steps
+    from accumulate.twins import build_mlp, make_twins
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'accumulate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

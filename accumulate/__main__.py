@@ -1,6 +1,6 @@
-"""``python -m accumulate``: see `accumulate.cli`."""
+"""``python -m accumulate``: see `accumulate.paper.cli`."""
 
-from accumulate.cli import main
+from accumulate.paper.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -28,6 +28,11 @@ COLUMNS = ["variant", "s/epoch", "min s", "CPU s", "samples/s", "x fit", "x fit 
            "x floor", "x floor CPU", "peak RSS MB", "+MB"]  # fmt: skip
 
 
+def noise_measuring(steps: int | str) -> Spec:
+    model = {"accumulation_steps": steps, "measure_noise_scale": True}
+    return Spec(f"acc-{steps}-noise", "accumulating", model, compare=(f"acc-{steps}",))
+
+
 def build(data: harness.Data, quick: bool, patterns: list[str]) -> list[Variant]:
     """Every variant whose label matches a pattern, built only if it does."""
     # The `fit` variants; data.batches (118 on MNIST) is a whole epoch.
@@ -38,6 +43,8 @@ def build(data: harness.Data, quick: bool, patterns: list[str]) -> list[Variant]
         accumulating(8),
         accumulating(batches, compare=(ga,)),
         accumulating("epoch", compare=(ga,)),
+        # The noise-scale measurement's cost, against the same window unmeasured.
+        *(noise_measuring(steps) for steps in (8, "epoch")),
         # Keras 3's own accumulation: SGD(gradient_accumulation_steps=118).
         Spec(ga, "keras-ga", optimizer={"gradient_accumulation_steps": batches}),
     ]

@@ -28,10 +28,7 @@ import numpy as np
 import psutil
 import tensorflow as tf
 
-try:
-    from accumulate.paper import datasets, notebook_loops, training
-except ImportError:  # before the paper/ split
-    from accumulate import datasets, notebook_loops, training
+from accumulate.paper import datasets, notebook_loops, training
 from accumulate.twins import PAPER_HIDDEN_UNITS, build_mlp, make_twins
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
@@ -100,7 +97,7 @@ class Data:
         self.dataset = self.pipeline()
 
     def pipeline(self, short: bool = False) -> tf.data.Dataset:
-        """`accumulate.training`'s pipeline, its thread pool held to --threads;
+        """`accumulate.paper.training`'s pipeline, its thread pool held to --threads;
         ``short``: two full batches and the ragged tail, every batch shape."""
         x, y = self.x, self.y
         if short:

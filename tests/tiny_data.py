@@ -1,6 +1,6 @@
 """A tiny MNIST-shaped dataset on disk, for tests that run the real pipeline.
 
-Writes the four gzipped IDX files `accumulate.datasets.load_dataset` reads,
+Writes the four gzipped IDX files `accumulate.paper.datasets.load_dataset` reads,
 for both dataset folders. Images are noise plus a bright row picked by the
 label, so a few epochs already learn something.
 """

@@ -29,9 +29,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from accumulate.config import ExperimentConfig
-from accumulate.datasets import load_dataset
-from accumulate.progress import EpochProgressCallback, ProgressSink
+from accumulate.paper.config import ExperimentConfig
+from accumulate.paper.datasets import load_dataset
+from accumulate.paper.progress import EpochProgressCallback, ProgressSink
 
 __all__ = [
     "JIT_COMPILE",

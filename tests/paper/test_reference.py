@@ -1,4 +1,4 @@
-"""Tests for accumulate.reference: the notebook's logged numbers."""
+"""Tests for accumulate.paper.reference: the notebook's logged numbers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from accumulate import reference
-from accumulate.reference import METRICS, MODELS, load_reference
+from accumulate.paper import reference
+from accumulate.paper.reference import METRICS, MODELS, load_reference
 
 PACKAGED_CSV = Path(reference.__file__).parent / "data" / "seed_metrics.csv"
 

@@ -7,7 +7,7 @@ epochs on MNIST and Fashion-MNIST, once with one update per batch of 512
 and prints the epoch's training loss and accuracy (and, for the MNIST standard
 run only, the validation loss and accuracy on the test set) after every epoch.
 
-``accumulate/data/seed_metrics.csv`` holds those printed numbers, parsed from
+``accumulate/paper/data/seed_metrics.csv`` holds those printed numbers, parsed from
 the notebook's output cells, one row per dataset, model and epoch::
 
     dataset,model,epoch,train_loss,train_accuracy,val_loss,val_accuracy
@@ -55,7 +55,7 @@ def load_reference(dataset: str) -> dict[str, dict[str, np.ndarray]]:
         )
     rows_by_model: dict[str, list[dict[str, str]]] = {model: [] for model in MODELS}
     with (
-        resources.files("accumulate")
+        resources.files("accumulate.paper")
         .joinpath("data", _CSV_NAME)
         .open(encoding="utf-8", newline="") as file
     ):

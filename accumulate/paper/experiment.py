@@ -1,8 +1,9 @@
 """Reproduction runs: both twins from one seed, and many runs in parallel.
 
 `run_experiment` trains the standard twin (one update per batch) and the
-accumulating twin (``accumulation_steps="epoch"``: one exact full-batch update
-per epoch) from bit-identical initial weights and returns everything the
+accumulating twin (by default ``accumulation_steps="epoch"``: one exact
+full-batch update per epoch; ``config.accumulation_steps`` chooses another
+window) from bit-identical initial weights and returns everything the
 report needs as a JSON-ready dict. `run_all` runs many configurations in
 worker processes and stores each result under ``<out_dir>/<dataset>/``.
 
@@ -41,12 +42,17 @@ import numpy as np
 import tensorflow as tf
 
 import accumulate
-from accumulate.config import ExperimentConfig
-from accumulate.datasets import ENV_VAR
-from accumulate.progress import EpochEnd, ProgressSink
-from accumulate.reference import MODELS
-from accumulate.results import load_result, result_config, result_path, save_result
-from accumulate.training import JIT_COMPILE, prepare_data, train_twin
+from accumulate.paper.config import ExperimentConfig
+from accumulate.paper.datasets import ENV_VAR
+from accumulate.paper.progress import EpochEnd, ProgressSink
+from accumulate.paper.reference import MODELS
+from accumulate.paper.results import (
+    load_result,
+    result_config,
+    result_path,
+    save_result,
+)
+from accumulate.paper.training import JIT_COMPILE, prepare_data, train_twin
 from accumulate.twins import make_twins
 
 __all__ = [
@@ -69,7 +75,9 @@ def run_experiment(
         progress: called with an `EpochEnd` after every epoch of each twin.
     """
     data = prepare_data(config)
-    standard, accumulating = make_twins(config.seed, accumulation_steps="epoch")
+    standard, accumulating = make_twins(
+        config.seed, accumulation_steps=config.accumulation_steps
+    )
     twins = {"standard": standard, "accumulating": accumulating}
     result: dict[str, Any] = {
         "config": {**config.to_dict(), **_environment()},

@@ -1,9 +1,9 @@
 """Where run results live on disk, and reading and writing them as JSON.
 
 Layout: ``<out_dir>/<dataset>/history-seed<seed>[-<optimizer>][-lr<rate>]
-[-batch<size>].json``; the suffixes appear only for values other than the
-notebook's (SGD, 0.01, 512), so the notebook-configuration runs keep the plain
-``history-seed42.json`` name.
+[-batch<size>][-steps<N>].json``; the suffixes appear only for values other
+than the notebook's (SGD, 0.01, 512, one update per epoch), so the
+notebook-configuration runs keep the plain ``history-seed42.json`` name.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from accumulate.config import ExperimentConfig
+from accumulate.paper.config import ExperimentConfig
 
 __all__ = [
     "find_results",
@@ -34,6 +34,9 @@ def result_path(out_dir: str | os.PathLike[str], config: ExperimentConfig) -> Pa
         >>> adam = ExperimentConfig("mnist", optimizer="adam")
         >>> result_path("results", adam).as_posix()
         'results/mnist/history-seed42-adam.json'
+        >>> every_8 = ExperimentConfig("mnist", accumulation_steps=8)
+        >>> result_path("runs", every_8).as_posix()
+        'runs/mnist/history-seed42-steps8.json'
     """
     name = f"history-seed{config.seed}"
     if config.optimizer != _DEFAULTS.optimizer:
@@ -42,6 +45,8 @@ def result_path(out_dir: str | os.PathLike[str], config: ExperimentConfig) -> Pa
         name += f"-lr{config.learning_rate:g}"
     if config.batch_size != _DEFAULTS.batch_size:
         name += f"-batch{config.batch_size}"
+    if config.accumulation_steps != _DEFAULTS.accumulation_steps:
+        name += f"-steps{config.accumulation_steps}"
     return Path(out_dir) / config.dataset / f"{name}.json"
 
 

@@ -1,9 +1,15 @@
 """Command line: ``python -m accumulate reproduce|report`` (or ``accumulate``).
 
 ``reproduce`` trains the twins for each dataset and seed (in parallel worker
-processes), prints a line per epoch with an ETA, rebuilds the report and ends
-with a summary table. ``report`` only rebuilds the report from the result
-files already in the output directory.
+processes) into a fresh-run directory (``runs/`` by default), prints a line
+per epoch with an ETA, rebuilds the report and ends with a summary table. The
+report compares the fresh runs with the notebook's logged numbers and with
+the committed reference runs (``results/``). ``report`` only rebuilds the
+report from the result files already in the output directory.
+
+Only the standard library and this package's light modules are imported
+here: TensorFlow, Keras, scikit-learn and matplotlib are imported by the
+command that needs them, so ``--help`` answers at once.
 
 Example:
     python -m accumulate reproduce --dataset mnist --epochs 3 --out /tmp/check
@@ -17,17 +23,25 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from accumulate.config import DATASETS, OPTIMIZERS, ExperimentConfig
-from accumulate.experiment import MODELS, ResultConflictError, RunRecord, run_all
-from accumulate.progress import EpochEnd, format_progress
-from accumulate.report import build_report
-from accumulate.results import load_result
+from accumulate.paper.config import DATASETS, EPOCH, OPTIMIZERS, ExperimentConfig
+from accumulate.paper.reference import MODELS
+from accumulate.paper.results import load_result
+
+if TYPE_CHECKING:
+    from accumulate.paper.experiment import RunRecord
+    from accumulate.paper.progress import EpochEnd
 
 __all__ = ["build_parser", "main"]
 
 _DEFAULTS = ExperimentConfig("mnist")
 _ALL = "all"
+FRESH_RUNS = Path("runs")
+REFERENCE_RUNS = Path("results")
+# TensorFlow's C++ start-up lines (CPU features, XLA, oneDNN) say nothing
+# about the reproduction; a user who wants them sets the variable.
+_QUIET_TENSORFLOW = ("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _positive_int(text: str) -> int:
@@ -62,6 +76,17 @@ def _learning_rate(text: str) -> float:
     return value
 
 
+def _accumulation_steps(text: str) -> int | str:
+    if text == EPOCH:
+        return EPOCH
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or {EPOCH!r}, got {text!r}"
+        ) from None
+
+
 def _existing_directory(text: str) -> str:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
@@ -78,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser(
         "reproduce",
-        help="train the twins, write results/<dataset>/*.json, rebuild the report",
+        help="train the twins into runs/<dataset>/*.json, rebuild the report",
         description="Train the standard and accumulating twins from each seed and "
-        "write their histories, then rebuild the report. Runs whose result file "
-        "exists are skipped unless --force.",
+        "write their histories, then rebuild the report, which compares them "
+        "with the notebook's logged numbers and with the reference runs. Runs "
+        "whose result file exists are skipped unless --force.",
     )
     reproduce.add_argument(
         "--dataset",
@@ -123,13 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="(default: %(default)s, the notebook's)",
     )
     reproduce.add_argument(
+        "--accumulation-steps",
+        type=_accumulation_steps,
+        default=_DEFAULTS.accumulation_steps,
+        metavar="N|epoch",
+        help="the accumulating twin's window: one update every N batches, or "
+        "once per epoch (default: %(default)s, the notebook's)",
+    )
+    reproduce.add_argument(
         "--data-dir",
         type=_existing_directory,
         default=None,
         help="folder holding mnist/ and fashion-mnist/ IDX files (default: "
         "$ACCUMULATE_DATA_DIR, else keras.datasets)",
     )
-    _add_out_argument(reproduce)
+    _add_directory_arguments(reproduce)
     reproduce.add_argument(
         "--jobs",
         type=_positive_int,
@@ -148,31 +182,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rebuild curves.png, updates.png, confusion.png, the "
         "classification reports and report.md for each dataset folder.",
     )
-    _add_out_argument(report)
+    _add_directory_arguments(report)
     report.set_defaults(handler=_report)
     return parser
 
 
-def _add_out_argument(parser: argparse.ArgumentParser) -> None:
+def _add_directory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("results"),
+        default=FRESH_RUNS,
         help="results directory (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=REFERENCE_RUNS,
+        help="reference runs to compare with, file by file (default: "
+        "%(default)s, the committed runs; ignored when it is --out)",
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault(*_QUIET_TENSORFLOW)
     return args.handler(args)
 
 
 def _print_progress(event: EpochEnd) -> None:
+    from accumulate.paper.progress import format_progress
+
     print(format_progress(event), flush=True)
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from accumulate.paper.experiment import ResultConflictError, run_all
+    from accumulate.paper.report import build_report
+
     datasets = DATASETS if args.dataset == _ALL else (args.dataset,)
     seeds = list(dict.fromkeys(args.seeds))  # a repeated seed runs once
     configs = [
@@ -184,6 +231,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             batch_size=args.batch_size,
             data_dir=args.data_dir,
+            accumulation_steps=args.accumulation_steps,
         )
         for dataset in datasets
         for seed in seeds
@@ -204,8 +252,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     except ResultConflictError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    reports = build_report(args.out)
+    reports = build_report(args.out, reference_dir=args.reference)
     _print_summary(records, reports)
+    _print_reference_comparison(records, args.out, args.reference)
     failed = [record for record in records if record.status == "failed"]
     for record in failed:
         print(f"error: {record.config.label} failed: {record.error}", file=sys.stderr)
@@ -213,7 +262,9 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    written = build_report(args.out)
+    from accumulate.paper.report import build_report
+
+    written = build_report(args.out, reference_dir=args.reference)
     if not written:
         print(
             f"error: no result files under {args.out}/ (expected "
@@ -233,6 +284,7 @@ def _print_summary(records: Sequence[RunRecord], reports: Sequence[Path]) -> Non
         "dataset",
         "seed",
         "optimizer",
+        "window",
         "status",
         "model",
         "epochs",
@@ -243,7 +295,13 @@ def _print_summary(records: Sequence[RunRecord], reports: Sequence[Path]) -> Non
     rows = []
     for record in records:
         config = record.config
-        identity = [config.dataset, str(config.seed), config.optimizer, record.status]
+        identity = [
+            config.dataset,
+            str(config.seed),
+            config.optimizer,
+            str(config.accumulation_steps),
+            record.status,
+        ]
         if record.status == "failed":
             rows.append([*identity, "-", "-", "-", "-", "-"])
             continue
@@ -260,7 +318,7 @@ def _print_summary(records: Sequence[RunRecord], reports: Sequence[Path]) -> Non
                     str(history["updates"]),
                 ]
             )
-            identity = ["", "", "", ""]  # printed once per run
+            identity = [""] * len(identity)  # printed once per run
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print("\nSummary")
     for row in [header, *rows]:
@@ -277,3 +335,28 @@ def _print_summary(records: Sequence[RunRecord], reports: Sequence[Path]) -> Non
         for path in paths or ["(none)"]:
             print(f"  {path}")
     sys.stdout.flush()
+
+
+def _print_reference_comparison(
+    records: Sequence[RunRecord], out: Path, reference: Path
+) -> None:
+    """One line per run: how far it is from the reference run of the same name."""
+    from accumulate.paper.report import compare_with_reference, reference_path
+
+    if _same_directory(out, reference):
+        return
+    print(f"\nAgainst the reference runs in {reference}/:")
+    for record in records:
+        if record.status == "failed":
+            continue
+        path = reference_path(record.path, out, reference)
+        if not path.exists():
+            print(f"  {record.config.label}: no reference run ({path} is missing)")
+            continue
+        comparison = compare_with_reference(load_result(record.path), path)
+        print(f"  {record.config.label}: {comparison.summary}")
+    sys.stdout.flush()
+
+
+def _same_directory(first: Path, second: Path) -> bool:
+    return first.resolve() == second.resolve()

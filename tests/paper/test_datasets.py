@@ -1,4 +1,4 @@
-"""Tests for accumulate.datasets: IDX reading, source selection, validation."""
+"""Tests for accumulate.paper.datasets: IDX reading, sources, validation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from accumulate import datasets
-from accumulate.datasets import DataSourceError, IdxFormatError, load_dataset, read_idx
+from accumulate.paper import datasets
+from accumulate.paper.datasets import (
+    DataSourceError,
+    IdxFormatError,
+    load_dataset,
+    read_idx,
+)
 
 ENV = "ACCUMULATE_DATA_DIR"
 STEMS = {

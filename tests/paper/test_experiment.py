@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from accumulate import config as config_module
-from accumulate import experiment, results
-from accumulate.config import ExperimentConfig
-from accumulate.datasets import load_dataset
-from accumulate.experiment import ResultConflictError, run_all, run_experiment
-from accumulate.progress import EpochEnd, format_duration, format_progress
-from accumulate.results import load_result, result_path, save_result
-from accumulate.training import weights_digest
+from accumulate.paper import config as config_module
+from accumulate.paper import experiment, results
+from accumulate.paper.config import ExperimentConfig
+from accumulate.paper.datasets import load_dataset
+from accumulate.paper.experiment import ResultConflictError, run_all, run_experiment
+from accumulate.paper.progress import EpochEnd, format_duration, format_progress
+from accumulate.paper.results import load_result, result_path, save_result
+from accumulate.paper.training import weights_digest
 from accumulate.twins import make_twins
 from tests.tiny_data import TEST_SAMPLES, TRAIN_SAMPLES, write_tiny_data_dir
 
@@ -59,6 +59,9 @@ def tiny_run(tiny_config):
         ({"dataset": "mnist", "batch_size": 2.5}, "batch_size"),
         ({"dataset": "mnist", "learning_rate": 0.0}, "learning_rate"),
         ({"dataset": "mnist", "seed": -1}, "seed"),
+        ({"dataset": "mnist", "accumulation_steps": 0}, "accumulation_steps"),
+        ({"dataset": "mnist", "accumulation_steps": True}, "accumulation_steps"),
+        ({"dataset": "mnist", "accumulation_steps": "8"}, "accumulation_steps"),
     ],
 )
 def test_config_rejects_bad_values(fields, message):
@@ -73,10 +76,26 @@ def test_config_round_trips_through_dict():
     assert config.same_experiment(ExperimentConfig.from_dict(stored))
 
 
+def test_results_without_a_window_were_per_epoch_runs():
+    # Result files written before `accumulation_steps` existed lack the key.
+    stored = ExperimentConfig("mnist").to_dict()
+    del stored["accumulation_steps"]
+    assert ExperimentConfig.from_dict(stored).accumulation_steps == "epoch"
+
+
+def test_another_window_is_another_experiment():
+    every_8 = ExperimentConfig("mnist", accumulation_steps=8)
+    assert not every_8.same_experiment(ExperimentConfig("mnist"))
+    assert every_8.label == "mnist/seed42/sgd/steps8"
+    assert ExperimentConfig("mnist").label == "mnist/seed42/sgd"
+
+
 @pytest.mark.parametrize(
     ("fields", "name"),
     [
         ({}, "history-seed42.json"),
+        ({"accumulation_steps": 8}, "history-seed42-steps8.json"),
+        ({"accumulation_steps": "epoch"}, "history-seed42.json"),
         ({"seed": 3}, "history-seed3.json"),
         ({"optimizer": "adam"}, "history-seed42-adam.json"),
         ({"learning_rate": 0.001}, "history-seed42-lr0.001.json"),

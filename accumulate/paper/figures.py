@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from accumulate.reference import MODELS
+from accumulate.paper.reference import MODELS
 
 __all__ = ["plot_confusion", "plot_curves", "plot_updates"]
 

@@ -6,11 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from accumulate.reference import DATASETS
+from accumulate.paper.reference import DATASETS
 
-__all__ = ["DATASETS", "OPTIMIZERS", "ExperimentConfig"]
+__all__ = ["DATASETS", "EPOCH", "OPTIMIZERS", "ExperimentConfig"]
 
 OPTIMIZERS = ("sgd", "adam")
+# The notebook's accumulating twin: one update per epoch from every batch.
+EPOCH = "epoch"
 
 # The fields that decide the numbers a run produces; `data_dir` only says
 # where the (same) data is read from.
@@ -21,6 +23,7 @@ _IDENTITY_FIELDS = (
     "optimizer",
     "learning_rate",
     "batch_size",
+    "accumulation_steps",
 )
 
 
@@ -48,6 +51,10 @@ class ExperimentConfig:
     learning_rate: float = 0.01
     batch_size: int = 512
     data_dir: str | None = None
+    # The accumulating twin's window: "epoch" (the notebook's) or N batches.
+    # Result files written before this field existed lack it and were all
+    # "epoch" runs, which is why it has that default.
+    accumulation_steps: int | str = EPOCH
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -64,6 +71,16 @@ class ExperimentConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        steps = self.accumulation_steps
+        # Checked here rather than with accumulate.validate_accumulation_steps,
+        # which would import TensorFlow just to build a config.
+        if steps != EPOCH and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
+            raise ValueError(
+                f"accumulation_steps must be a positive integer or {EPOCH!r}; "
+                f"got {steps!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer; got {self.seed!r}")
         # NumPy's legacy seeding, which Keras's set_random_seed uses, takes
@@ -93,5 +110,12 @@ class ExperimentConfig:
 
     @property
     def label(self) -> str:
-        """A short name for progress lines, e.g. ``mnist/seed42/sgd``."""
-        return f"{self.dataset}/seed{self.seed}/{self.optimizer}"
+        """A short name for progress lines, e.g. ``mnist/seed42/sgd``.
+
+        Runs whose accumulating twin uses an N-batch window end in
+        ``/steps<N>``.
+        """
+        label = f"{self.dataset}/seed{self.seed}/{self.optimizer}"
+        if self.accumulation_steps != EPOCH:
+            label += f"/steps{self.accumulation_steps}"
+        return label

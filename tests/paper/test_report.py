@@ -1,14 +1,18 @@
-"""Tests for accumulate.report on fabricated result files (no training)."""
+"""Tests for accumulate.paper.report on fabricated result files (no training)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from accumulate.config import ExperimentConfig
-from accumulate.reference import load_reference
-from accumulate.report import build_report
-from accumulate.results import result_path, save_result
+from accumulate.paper.config import ExperimentConfig
+from accumulate.paper.reference import load_reference
+from accumulate.paper.report import (
+    build_report,
+    compare_with_reference,
+    reference_path,
+)
+from accumulate.paper.results import load_result, result_path, save_result
 from tests.tiny_data import REPORT_FILES
 
 EPOCHS = 4
@@ -99,3 +103,57 @@ def test_report_tables_use_the_results(results_dir):
 def test_empty_directory_gives_no_files(tmp_path):
     assert build_report(tmp_path) == []
     assert build_report(tmp_path / "missing") == []
+
+
+# -- Against a reference directory -------------------------------------------
+
+
+@pytest.fixture
+def fresh_and_reference(tmp_path):
+    """A fresh run equal to its reference, one 0.002 off, one without any."""
+    fresh, reference = tmp_path / "runs", tmp_path / "results"
+    same = ExperimentConfig("mnist", epochs=EPOCHS, seed=42)
+    shifted = ExperimentConfig("mnist", epochs=EPOCHS, seed=1)
+    alone = ExperimentConfig("mnist", epochs=EPOCHS, seed=2)
+    for config, offset in ((same, 0.01), (shifted, 0.03), (alone, 0.0)):
+        save_result(_fabricate(config, offset), result_path(fresh, config))
+    for config, offset in ((same, 0.01), (shifted, 0.032)):
+        save_result(_fabricate(config, offset), result_path(reference, config))
+    return fresh, reference
+
+
+def test_comparison_with_the_reference(fresh_and_reference):
+    fresh, reference = fresh_and_reference
+    run = fresh / "mnist" / "history-seed42.json"
+    same = compare_with_reference(
+        load_result(run), reference_path(run, fresh, reference)
+    )
+    assert same.same_experiment and same.same_initial_weights
+    assert same.largest_difference == 0
+    assert same.same_predictions == {"standard": 50, "accumulating": 50}
+    assert same.summary.startswith("identical to the reference")
+    run = fresh / "mnist" / "history-seed1.json"
+    shifted = compare_with_reference(
+        load_result(run), reference_path(run, fresh, reference)
+    )
+    assert shifted.largest_difference == pytest.approx(0.002, abs=1e-9)
+    assert shifted.summary.startswith("largest difference from the reference 2.00e-03")
+
+
+def test_report_has_the_reference_section_only_when_asked(fresh_and_reference):
+    fresh, reference = fresh_and_reference
+    build_report(fresh, reference_dir=reference)
+    report = (fresh / "mnist" / "report.md").read_text()
+    assert "## This run vs the reference run" in report
+    assert "* `history-seed42.json`: identical to the reference" in report
+    assert "* `history-seed1.json`: largest difference from the reference 2.00e-03" in (
+        report
+    )
+    assert "No reference run for: `history-seed2.json`." in report
+    assert "initial weights identical; test-set predictions the same for 50/50" in (
+        report
+    )
+    build_report(fresh)
+    assert "reference run" not in (fresh / "mnist" / "report.md").read_text()
+    build_report(reference, reference_dir=reference)  # itself: nothing to compare
+    assert "reference run" not in (reference / "mnist" / "report.md").read_text()

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from accumulate.cli import main
-from accumulate.results import load_result
+from accumulate.paper.cli import main
+from accumulate.paper.results import load_result
 from tests.tiny_data import REPORT_FILES, write_tiny_data_dir
 
 SEEDS = ("42", "7")
@@ -131,6 +131,8 @@ def test_report_command_without_results(tmp_path, capsys):
         (["--optimizer", "rmsprop"], "'rmsprop'"),
         (["--learning-rate", "-0.1"], "'-0.1'"),
         (["--jobs", "0"], "'0'"),
+        (["--accumulation-steps", "0"], "'0'"),
+        (["--accumulation-steps", "weekly"], "'weekly'"),
         (["--data-dir", "/no/such/dir"], "'/no/such/dir'"),
     ],
 )
@@ -146,3 +148,37 @@ def test_result_json_is_plain_json(reproduced):
     _, out = reproduced
     path = out / "mnist" / f"history-seed7-batch{BATCH_SIZE}.json"
     assert json.loads(path.read_text())["data"]["test_samples"] > 0
+
+
+@pytest.mark.slow
+def test_accumulation_steps_reach_results_and_report(tmp_path, data_dir, capsys):
+    out = tmp_path / "runs"
+    arguments = ["reproduce", "--dataset", "mnist", "--epochs", "2", "--seeds", "42"]
+    arguments += ["--batch-size", str(BATCH_SIZE), "--accumulation-steps", "2"]
+    arguments += ["--data-dir", str(data_dir), "--out", str(out), "--jobs", "1"]
+    arguments += ["--reference", str(tmp_path / "no-reference")]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "mnist/seed42/sgd/steps2" in printed
+    result = load_result(
+        out / "mnist" / f"history-seed42-batch{BATCH_SIZE}-steps2.json"
+    )
+    assert result["config"]["accumulation_steps"] == 2
+    batches = result["data"]["batches_per_epoch"]
+    # One update every 2 batches, and a half-full window applied at epoch end.
+    assert result["accumulating"]["updates"] == 2 * -(-batches // 2)
+    assert result["standard"]["updates"] == 2 * batches
+    report = (out / "mnist" / "report.md").read_text()
+    assert "accumulating every 2 batches" in report
+    assert "No reference run for:" in report
+
+
+def test_parser_defaults_are_the_notebook_run_into_runs():
+    from accumulate.paper.cli import build_parser
+
+    args = build_parser().parse_args(["reproduce"])
+    assert args.accumulation_steps == "epoch"
+    assert str(args.out) == "runs"
+    assert str(args.reference) == "results"
+    eight = build_parser().parse_args(["reproduce", "--accumulation-steps", "8"])
+    assert eight.accumulation_steps == 8

@@ -1,7 +1,7 @@
 """The reproduction report: figures, classification reports and ``report.md``.
 
 For every dataset folder of a results directory (``<out>/<dataset>/history-
-*.json``, written by `accumulate.experiment.run_all`) this writes, into that
+*.json``, written by `accumulate.paper.experiment.run_all`) this writes, into that
 folder:
 
 * ``curves.png``: loss and accuracy over epochs, ours against the notebook's;
@@ -9,12 +9,16 @@ folder:
 * ``confusion.png`` and ``classification-report-<model>.txt``: the test-set
   predictions stored in the result of the main run;
 * ``report.md``: the tables and findings, every number read from the result
-  files or from the notebook's logged numbers (`accumulate.reference`).
+  files or from the notebook's logged numbers (`accumulate.paper.reference`),
+  and, given a reference directory (the committed ``results/``), how each run
+  compares with the reference run of the same file name.
 
 The "main run" is seed 42 (else the lowest seed) of the runs in the
 notebook's configuration (SGD, learning rate 0.01, batch 512); runs of the
 same configuration with other seeds give the spread across seeds. Runs with
-other optimizers only enter the optimizer comparison.
+other optimizers only enter the optimizer comparison; runs with another
+accumulation window are compared with the notebook only when no run has its
+window (one update per epoch).
 """
 
 from __future__ import annotations
@@ -29,12 +33,20 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from accumulate.config import OPTIMIZERS, ExperimentConfig
-from accumulate.figures import plot_confusion, plot_curves, plot_updates
-from accumulate.reference import DATASETS, METRICS, MODELS, load_reference
-from accumulate.results import find_results, load_result, result_config
+from accumulate.paper.config import OPTIMIZERS, ExperimentConfig
+from accumulate.paper.figures import plot_confusion, plot_curves, plot_updates
+from accumulate.paper.reference import DATASETS, METRICS, MODELS, load_reference
+from accumulate.paper.results import find_results, load_result, result_config
 
-__all__ = ["REPORT_EPOCHS", "Run", "build_dataset_report", "build_report"]
+__all__ = [
+    "REPORT_EPOCHS",
+    "ReferenceComparison",
+    "Run",
+    "build_dataset_report",
+    "build_report",
+    "compare_with_reference",
+    "reference_path",
+]
 
 REPORT_EPOCHS = (1, 10, 50, 100, 150, 200)
 _NOTEBOOK = ExperimentConfig("mnist")  # the notebook's settings, as its logs show
@@ -68,24 +80,45 @@ def _load_run(path: Path) -> Run:
     return Run(path, result_config(result), result)
 
 
-def build_report(out_dir: str | os.PathLike[str]) -> list[Path]:
+def build_report(
+    out_dir: str | os.PathLike[str],
+    reference_dir: str | os.PathLike[str] | None = None,
+) -> list[Path]:
     """Writes every dataset's report under ``out_dir``; returns the files written.
 
+    With ``reference_dir`` (other than ``out_dir`` itself), each report also
+    compares every run with the file of the same name under ``reference_dir``.
     Returns an empty list when ``out_dir`` holds no result files.
     """
+    if reference_dir is not None and (
+        Path(reference_dir).resolve() == Path(out_dir).resolve()
+    ):
+        reference_dir = None  # the reference compared with itself says nothing
     written: list[Path] = []
     for dataset, paths in find_results(out_dir).items():
         if dataset not in DATASETS:
             continue  # not a folder this project writes
         runs = [_load_run(path) for path in paths]
-        written += build_dataset_report(dataset, runs, Path(out_dir) / dataset)
+        references = None
+        if reference_dir is not None:
+            references = Path(reference_dir) / dataset
+        written += build_dataset_report(
+            dataset, runs, Path(out_dir) / dataset, references
+        )
     return written
 
 
 def build_dataset_report(
-    dataset: str, runs: Sequence[Run], folder: str | os.PathLike[str]
+    dataset: str,
+    runs: Sequence[Run],
+    folder: str | os.PathLike[str],
+    reference_folder: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
-    """Writes one dataset's figures, classification reports and ``report.md``."""
+    """Writes one dataset's figures, classification reports and ``report.md``.
+
+    ``reference_folder``: where the reference runs of ``dataset`` are, for
+    the comparison section (left out when None).
+    """
     folder = Path(folder)
     reference = load_reference(dataset)
     compared = _compared_runs(runs)
@@ -121,7 +154,12 @@ def build_dataset_report(
         )
     )
     markdown = folder / "report.md"
-    markdown.write_text(_markdown(dataset, runs, compared, reference), "utf-8")
+    sections = _markdown(dataset, runs, compared, reference)
+    if reference_folder is not None:
+        sections += (
+            "\n" + "\n".join(_reference_section(runs, Path(reference_folder))) + "\n"
+        )
+    markdown.write_text(sections, "utf-8")
     written.append(markdown)
     return written
 
@@ -129,8 +167,13 @@ def build_dataset_report(
 # -- Choosing runs -----------------------------------------------------------
 
 
-def _settings(config: ExperimentConfig) -> tuple[str, float, int]:
-    return (config.optimizer, config.learning_rate, config.batch_size)
+def _settings(config: ExperimentConfig) -> tuple[str, float, int, int | str]:
+    return (
+        config.optimizer,
+        config.learning_rate,
+        config.batch_size,
+        config.accumulation_steps,
+    )
 
 
 def _seed_order(run: Run) -> tuple[bool, int]:
@@ -139,7 +182,7 @@ def _seed_order(run: Run) -> tuple[bool, int]:
 
 def _compared_runs(runs: Sequence[Run]) -> list[Run]:
     """The runs compared with the notebook, main run first (see module)."""
-    groups: dict[tuple[str, float, int], list[Run]] = {}
+    groups: dict[tuple[str, float, int, int | str], list[Run]] = {}
     for run in runs:
         groups.setdefault(_settings(run.config), []).append(run)
     chosen = groups.get(_settings(_NOTEBOOK))
@@ -153,9 +196,10 @@ def _main_run_per_optimizer(runs: Sequence[Run]) -> dict[str, Run]:
     chosen: dict[str, Run] = {}
     for run in sorted(runs, key=_seed_order):
         config = run.config
-        if (config.learning_rate, config.batch_size) != (
+        if (config.learning_rate, config.batch_size, config.accumulation_steps) != (
             _NOTEBOOK.learning_rate,
             _NOTEBOOK.batch_size,
+            _NOTEBOOK.accumulation_steps,
         ):
             continue
         chosen.setdefault(config.optimizer, run)
@@ -167,7 +211,10 @@ def _main_run_per_optimizer(runs: Sequence[Run]) -> dict[str, Run]:
 
 def _describe(config: ExperimentConfig) -> str:
     name = _OPTIMIZER_NAMES[config.optimizer]
-    return f"{name}({config.learning_rate:g}), batch {config.batch_size}"
+    described = f"{name}({config.learning_rate:g}), batch {config.batch_size}"
+    if config.accumulation_steps != _NOTEBOOK.accumulation_steps:
+        described += f", accumulating every {config.accumulation_steps} batches"
+    return described
 
 
 def _number(value: float, digits: int = 4) -> str:
@@ -216,7 +263,7 @@ def _markdown(
             "",
             "Generated by `python -m accumulate report` from the "
             f"{len(runs)} result file(s) in this folder and the notebook's "
-            "logged numbers (`accumulate/data/seed_metrics.csv`, parsed from "
+            "logged numbers (`accumulate/paper/data/seed_metrics.csv`, parsed from "
             '"AP Project — Gradient Accumulation Project", 2023-12-22). '
             "Regenerate it rather than editing it.",
             "",
@@ -538,3 +585,161 @@ def _timings_section(runs: Sequence[Run]) -> list[str]:
         f"Batches per graph call (steps_per_execution): "
         f"{settings['steps_per_execution']}.",
     ]
+
+
+# -- Against the reference runs ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReferenceComparison:
+    """How one run's numbers compare with a reference run's.
+
+    ``differences`` maps ``(model, metric)`` to the largest absolute
+    difference over the epochs both ran; ``final`` maps it to the last common
+    epoch's ``(run, reference)`` values.
+    """
+
+    reference: Path
+    same_experiment: bool
+    epochs: int
+    differences: dict[tuple[str, str], float]
+    final: dict[tuple[str, str], tuple[float, float]]
+    same_initial_weights: bool
+    same_predictions: dict[str, int]  # model -> test images predicted alike
+    test_samples: int
+
+    @property
+    def largest_difference(self) -> float:
+        return max(self.differences.values(), default=math.nan)
+
+    @property
+    def summary(self) -> str:
+        if not self.same_experiment:
+            return f"{self.reference} holds another experiment; not compared"
+        finals = ", ".join(
+            f"{model} {self.final[model, 'val_accuracy'][0]:.4f}" for model in MODELS
+        )
+        if self.largest_difference == 0 and self.same_initial_weights:
+            verdict = "identical to the reference in every logged number"
+        else:
+            verdict = (
+                f"largest difference from the reference {self.largest_difference:.2e}"
+            )
+        return f"{verdict} over {self.epochs} epochs (final val acc {finals})"
+
+
+def reference_path(
+    run_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    reference_dir: str | os.PathLike[str],
+) -> Path:
+    """The reference file for ``run_path``: the same path under ``reference_dir``.
+
+    Example:
+        >>> reference_path("runs/mnist/history-seed42.json", "runs", "results")
+        PosixPath('results/mnist/history-seed42.json')
+    """
+    return Path(reference_dir) / Path(run_path).relative_to(out_dir)
+
+
+def compare_with_reference(
+    result: dict[str, Any], reference_file: str | os.PathLike[str]
+) -> ReferenceComparison:
+    """Compares ``result`` with the result stored in ``reference_file``."""
+    reference_file = Path(reference_file)
+    reference = load_result(reference_file)
+    config = result_config(result)
+    epochs = min(
+        len(result["standard"]["train_loss"]), len(reference["standard"]["train_loss"])
+    )
+    differences: dict[tuple[str, str], float] = {}
+    final: dict[tuple[str, str], tuple[float, float]] = {}
+    same_predictions: dict[str, int] = {}
+    for model in MODELS:
+        for metric in METRICS:
+            ours = np.asarray(result[model][metric][:epochs], dtype=np.float64)
+            theirs = np.asarray(reference[model][metric][:epochs], dtype=np.float64)
+            differences[model, metric] = float(np.max(np.abs(ours - theirs)))
+            final[model, metric] = (float(ours[-1]), float(theirs[-1]))
+        same_predictions[model] = int(
+            np.sum(
+                np.asarray(result[model]["test_predictions"])
+                == np.asarray(reference[model]["test_predictions"])
+            )
+        )
+    return ReferenceComparison(
+        reference=reference_file,
+        same_experiment=config.same_experiment(result_config(reference)),
+        epochs=epochs,
+        differences=differences,
+        final=final,
+        same_initial_weights=all(
+            result[model]["initial_weights_sha256"]
+            == reference[model]["initial_weights_sha256"]
+            for model in MODELS
+        ),
+        same_predictions=same_predictions,
+        test_samples=len(result["data"]["test_labels"]),
+    )
+
+
+def _reference_section(runs: Sequence[Run], folder: Path) -> list[str]:
+    lines = [
+        "## This run vs the reference run",
+        "",
+        f"Each result file here against the file of the same name in `{folder}` "
+        "(the committed reference runs): the last common epoch's value in both, "
+        "and the largest absolute difference over all common epochs. Training "
+        "is deterministic on one machine, so the same experiment should give "
+        "the same numbers to the last digit; versions or hardware that differ "
+        "may move them in the last places.",
+    ]
+    rows: list[list[str]] = []
+    missing: list[str] = []
+    for run in sorted(runs, key=lambda run: run.path.name):
+        path = folder / run.path.name
+        if not path.exists():
+            missing.append(f"`{run.path.name}`")
+            continue
+        comparison = compare_with_reference(run.result, path)
+        if not comparison.same_experiment:
+            missing.append(f"`{run.path.name}` (the reference is another experiment)")
+            continue
+        for model in MODELS:
+            for metric in METRICS:
+                ours, theirs = comparison.final[model, metric]
+                rows.append(
+                    [
+                        f"`{run.path.name}`",
+                        model,
+                        metric,
+                        str(comparison.epochs),
+                        f"{ours:.6f}",
+                        f"{theirs:.6f}",
+                        f"{comparison.differences[model, metric]:.2e}",
+                    ]
+                )
+        predictions = " and ".join(
+            f"{comparison.same_predictions[model]}/{comparison.test_samples} ({model})"
+            for model in MODELS
+        )
+        weights = "identical" if comparison.same_initial_weights else "different"
+        lines.append("")
+        lines.append(
+            f"* `{run.path.name}`: {comparison.summary}; initial weights "
+            f"{weights}; test-set predictions the same for {predictions}."
+        )
+    if rows:
+        header = [
+            "file",
+            "model",
+            "metric",
+            "epoch",
+            "this run",
+            "reference",
+            "largest difference",
+        ]
+        lines += ["", *_table(header, rows)]
+    if missing:
+        lines += ["", "No reference run for: " + ", ".join(missing) + "."]
+    return lines

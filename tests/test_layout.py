@@ -1,0 +1,264 @@
+"""The package's layout: the library stands without the paper application.
+
+The library is `accumulate` without its `paper` subpackage (and without
+`__main__`, the command's entry point, which may import the paper's CLI).
+These tests read the sources with `ast`, so they see every import statement,
+including those inside functions, that an import-time check would miss.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import accumulate
+
+PACKAGE = Path(accumulate.__file__).resolve().parent
+PAPER = "accumulate.paper"
+ENTRY_POINT = "__main__.py"
+# What the benchmarks import: renaming one breaks them.
+PAPER_MODULES_OTHERS_USE = ("datasets", "training", "notebook_loops")
+
+
+def library_modules(package: Path) -> dict[str, Path]:
+    """Module name -> file, for every library module under ``package``."""
+    return {
+        f"accumulate.{path.stem}" if path.stem != "__init__" else "accumulate": path
+        for path in sorted(package.glob("*.py"))
+        if path.name != ENTRY_POINT
+    }
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imported_modules(source: str, module: str, runtime_only: bool) -> set[str]:
+    """Absolute names of the modules ``source`` (module ``module``) imports.
+
+    ``from package import name`` counts as importing ``package.name`` too,
+    since ``name`` may be a submodule. With ``runtime_only``, imports under
+    ``if TYPE_CHECKING:`` are left out: they never run.
+    """
+    tree = ast.parse(source)
+    package = module if module == "accumulate" else module.rpartition(".")[0]
+    skipped: set[int] = set()
+    if runtime_only:
+        for node in ast.walk(tree):
+            if _is_type_checking_block(node):
+                skipped |= {id(child) for child in ast.walk(node)}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def paper_imports(package: Path) -> dict[str, set[str]]:
+    """Library module -> the `accumulate.paper` modules it imports (if any)."""
+    found = {}
+    for module, path in library_modules(package).items():
+        names = imported_modules(path.read_text(), module, runtime_only=False)
+        bad = {name for name in names if name == PAPER or name.startswith(f"{PAPER}.")}
+        if bad:
+            found[module] = bad
+    return found
+
+
+def import_cycle(package: Path) -> list[str] | None:
+    """A cycle of runtime imports among the library modules, or None."""
+    modules = library_modules(package)
+    graph = {
+        module: sorted(
+            name
+            for name in imported_modules(path.read_text(), module, runtime_only=True)
+            if name in modules and name != module
+        )
+        for module, path in modules.items()
+    }
+    state: dict[str, str] = {}  # "open" while on the stack, then "done"
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = "open"
+        stack.append(module)
+        for target in graph[module]:
+            if state.get(target) == "open":
+                return [*stack[stack.index(target) :], target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        stack.pop()
+        state[module] = "done"
+        return None
+
+    for module in graph:
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def test_library_imports_nothing_from_the_paper():
+    assert paper_imports(PACKAGE) == {}
+
+
+def test_no_import_cycle_among_library_modules():
+    assert import_cycle(PACKAGE) is None
+
+
+def test_the_library_is_the_expected_modules():
+    # A new top-level module is library code: this list makes that a decision.
+    assert set(library_modules(PACKAGE)) == {
+        "accumulate",
+        "accumulate.accumulator",
+        "accumulate.distributed",
+        "accumulate.fit_callback",
+        "accumulate.model",
+        "accumulate.twins",
+    }
+
+
+@pytest.mark.parametrize("module", PAPER_MODULES_OTHERS_USE)
+def test_paper_modules_the_benchmarks_import_exist(module):
+    assert (PACKAGE / "paper" / f"{module}.py").is_file()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import accumulate.paper.report",
+        "from accumulate.paper import cli",
+        "from accumulate import paper",
+        "from .paper.config import ExperimentConfig",
+        "def later():\n    from accumulate.paper.datasets import load_dataset\n",
+    ],
+)
+def test_paper_import_check_catches(tmp_path, statement):
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "model.py").write_text(statement + "\n")
+    assert set(paper_imports(tmp_path)) == {"accumulate.model"}
+
+
+def test_cycle_check_catches_a_cycle_but_not_type_checking_imports(tmp_path):
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "model.py").write_text("from accumulate import fit_callback\n")
+    (tmp_path / "fit_callback.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from accumulate.model import AccumulatingModel\n"
+    )
+    assert import_cycle(tmp_path) is None
+    (tmp_path / "fit_callback.py").write_text("from . import model\n")
+    assert import_cycle(tmp_path) in (
+        ["accumulate.model", "accumulate.fit_callback", "accumulate.model"],
+        ["accumulate.fit_callback", "accumulate.model", "accumulate.fit_callback"],
+    )
+
+
+# -- Lazy loading -------------------------------------------------------------
+
+
+def _fresh_interpreter(code: str) -> dict:
+    """Runs ``code`` in a new Python and returns the JSON it prints last."""
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(completed.stdout.splitlines()[-1])
+
+
+HEAVY = ("tensorflow", "keras", "matplotlib", "sklearn")
+
+
+def test_cli_help_imports_no_tensorflow():
+    loaded = _fresh_interpreter(
+        "import json, sys\n"
+        "from accumulate.paper.cli import main\n"
+        "for argv in (['--help'], ['reproduce', '--help'], ['report', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, exit.code\n"
+        f"print(json.dumps([name for name in {HEAVY!r} if name in sys.modules]))\n"
+    )
+    assert loaded == []
+
+
+def test_python_m_accumulate_help_is_quiet(record_property):
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "accumulate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # Recorded, not asserted: on a busy machine any limit would be flaky, and
+    # what keeps it fast (no TensorFlow import) is asserted above.
+    record_property("help_seconds", round(time.perf_counter() - started, 3))
+    assert completed.returncode == 0
+    assert "reproduce" in completed.stdout
+    assert completed.stderr == ""
+
+
+def test_import_accumulate_is_lazy_until_a_name_is_used():
+    state = _fresh_interpreter(
+        "import json, sys\n"
+        "import accumulate\n"
+        "before = 'tensorflow' in sys.modules\n"
+        "model = accumulate.AccumulatingModel\n"
+        "print(json.dumps({'before': before,\n"
+        "                  'after': 'tensorflow' in sys.modules,\n"
+        "                  'name': model.__name__,\n"
+        "                  'version': accumulate.__version__}))\n"
+    )
+    assert state == {
+        "before": False,
+        "after": True,
+        "name": "AccumulatingModel",
+        "version": accumulate.__version__,
+    }
+
+
+def test_public_names_resolve_to_the_library_objects():
+    from accumulate.accumulator import GradientAccumulator
+    from accumulate.model import AccumulatingModel, validate_accumulation_steps
+    from accumulate.twins import build_mlp, make_twins
+
+    expected = {
+        "AccumulatingModel": AccumulatingModel,
+        "GradientAccumulator": GradientAccumulator,
+        "build_mlp": build_mlp,
+        "make_twins": make_twins,
+        "validate_accumulation_steps": validate_accumulation_steps,
+    }
+    for name, value in expected.items():
+        assert getattr(accumulate, name) is value
+    assert set(accumulate.__all__) == {*expected, "__version__"}
+    assert set(accumulate.__all__) <= set(dir(accumulate))
+
+
+def test_unknown_attribute_raises_attribute_error():
+    with pytest.raises(AttributeError, match="no_such_name"):
+        accumulate.no_such_name  # noqa: B018
