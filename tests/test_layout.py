@@ -134,6 +134,8 @@ def test_the_library_is_the_expected_modules():
         "accumulate.distributed",
         "accumulate.fit_callback",
         "accumulate.model",
+        "accumulate.noise_scale",
+        "accumulate.schedule",
         "accumulate.twins",
     }
 
@@ -243,7 +245,8 @@ def test_import_accumulate_is_lazy_until_a_name_is_used():
 
 def test_public_names_resolve_to_the_library_objects():
     from accumulate.accumulator import GradientAccumulator
-    from accumulate.model import AccumulatingModel, validate_accumulation_steps
+    from accumulate.model import AccumulatingModel
+    from accumulate.schedule import validate_accumulation_steps
     from accumulate.twins import build_mlp, make_twins
 
     expected = {
