@@ -31,14 +31,16 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-_PER_REPLICA = {
+# Variable kinds of the state. Each replica keeps its own copy and nothing is
+# communicated on update: summed over replicas when read...
+PER_REPLICA_SUM = {
     "trainable": False,
     "synchronization": tf.VariableSynchronization.ON_READ,
     "aggregation": tf.VariableAggregation.SUM,
 }
 
-
-_COUNTER = {
+# ...or, for what every replica holds alike, read from the first.
+SAME_ON_EVERY_REPLICA = {
     "trainable": False,
     "synchronization": tf.VariableSynchronization.ON_READ,
     "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
@@ -88,26 +90,31 @@ class GradientAccumulator(tf.Module):
                 tf.Variable(
                     tf.zeros(variable.shape, _accumulation_dtype(variable.dtype)),
                     name=f"gradient_sum_{index}",
-                    **_PER_REPLICA,
+                    **PER_REPLICA_SUM,
                 )
                 for index, variable in enumerate(variables)
             ]
             # float32 counts are exact up to 2**24 samples per window and
             # past that err by less than float32 gradients already do.
-            self.samples = tf.Variable(0.0, name="samples", **_PER_REPLICA)
+            self.samples = tf.Variable(0.0, name="samples", **PER_REPLICA_SUM)
             # Micro-batches in the window. Every replica is told the same
             # `counts`, so one replica's count is the global count.
-            self.steps = tf.Variable(0, dtype=tf.int64, name="steps", **_COUNTER)
+            self.steps = tf.Variable(
+                0, dtype=tf.int64, name="steps", **SAME_ON_EVERY_REPLICA
+            )
             # Not part of the window: how far into the epoch training is, so
             # that a run restored mid-epoch knows what it already holds.
             self.micro_batches_this_epoch = tf.Variable(
-                0, dtype=tf.int64, name="micro_batches_this_epoch", **_COUNTER
+                0,
+                dtype=tf.int64,
+                name="micro_batches_this_epoch",
+                **SAME_ON_EVERY_REPLICA,
             )
             # Micro-batches per window in effect, 0 for the whole epoch: read
             # in the graph, so a schedule changes it without retracing. Not
             # saved: it follows from the schedule and the epoch.
             self.window_size = tf.Variable(
-                window_size, dtype=tf.int64, name="window_size", **_COUNTER
+                window_size, dtype=tf.int64, name="window_size", **SAME_ON_EVERY_REPLICA
             )
         self.variable_dtypes = [tf.as_dtype(variable.dtype) for variable in variables]
         # The variables the window is for, kept out of checkpoint tracking

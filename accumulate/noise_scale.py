@@ -46,16 +46,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-_ON_FIRST_REPLICA = {
-    "trainable": False,
-    "synchronization": tf.VariableSynchronization.ON_READ,
-    "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
-}
-_PER_REPLICA = {
-    "trainable": False,
-    "synchronization": tf.VariableSynchronization.ON_READ,
-    "aggregation": tf.VariableAggregation.SUM,
-}
+from accumulate.accumulator import PER_REPLICA_SUM, SAME_ON_EVERY_REPLICA
 
 #: The per-epoch log entries, in the order they are reported.
 LOG_KEYS = ("gradient_sq_norm", "gradient_variance", "gradient_noise_scale")
@@ -126,17 +117,19 @@ class NoiseScaleMeter(tf.Module):
         super().__init__(name=name)
         with tf.name_scope(name):
             self.weighted_sq_norms = tf.Variable(
-                0.0, name="weighted_sq_norms", **_PER_REPLICA
+                0.0, name="weighted_sq_norms", **PER_REPLICA_SUM
             )
-            self.micro_batches = tf.Variable(0.0, name="micro_batches", **_PER_REPLICA)
+            self.micro_batches = tf.Variable(
+                0.0, name="micro_batches", **PER_REPLICA_SUM
+            )
             self.epoch_sq_norm_sum = tf.Variable(
-                0.0, name="epoch_sq_norm_sum", **_ON_FIRST_REPLICA
+                0.0, name="epoch_sq_norm_sum", **SAME_ON_EVERY_REPLICA
             )
             self.epoch_variance_sum = tf.Variable(
-                0.0, name="epoch_variance_sum", **_ON_FIRST_REPLICA
+                0.0, name="epoch_variance_sum", **SAME_ON_EVERY_REPLICA
             )
             self.epoch_windows = tf.Variable(
-                0.0, name="epoch_windows", **_ON_FIRST_REPLICA
+                0.0, name="epoch_windows", **SAME_ON_EVERY_REPLICA
             )
 
     def add_micro_batch(self, sq_norm: tf.Tensor, weight: tf.Tensor | float) -> None:

@@ -34,6 +34,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from accumulate import AccumulatingModel, make_twins
+from tests.oracle import max_difference, random_data
 
 FEATURES, CLASSES = 4, 3
 LOSS = "sparse_categorical_crossentropy"
@@ -83,18 +84,7 @@ def twins(
 
 
 def data(samples: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(samples, FEATURES)).astype("float32")
-    y = rng.integers(0, CLASSES, size=samples).astype("int32")
-    weights = rng.uniform(0.1, 2.0, size=samples).astype("float32")
-    return x, y, weights
-
-
-def max_difference(first: keras.Model, second: keras.Model) -> float:
-    return max(
-        float(np.max(np.abs(a - b)))
-        for a, b in zip(first.get_weights(), second.get_weights(), strict=True)
-    )
+    return random_data(samples, FEATURES, CLASSES, seed)
 
 
 def assert_conforms(oracle: keras.Model, ours: keras.Model, updates=None) -> None:

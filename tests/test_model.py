@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from accumulate import AccumulatingModel, build_mlp, make_twins
+from tests.oracle import max_difference, random_data
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 FEATURES, CLASSES = 5, 3
@@ -55,18 +56,7 @@ def compiled_twins(
 
 
 def data(samples: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(samples, FEATURES)).astype("float32")
-    y = rng.integers(0, CLASSES, size=samples)
-    weights = rng.uniform(0.1, 2.0, size=samples).astype("float32")
-    return x, y, weights
-
-
-def max_difference(first: keras.Model, second: keras.Model) -> float:
-    return max(
-        float(np.max(np.abs(a - b)))
-        for a, b in zip(first.get_weights(), second.get_weights(), strict=True)
-    )
+    return random_data(samples, FEATURES, CLASSES, seed)
 
 
 def assert_same_weights(first: keras.Model, second: keras.Model, tolerance=2e-6):
