@@ -1,0 +1,1 @@
+"""The paper application: reproduction of the notebook and the batch-size study."""
