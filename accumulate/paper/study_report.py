@@ -91,8 +91,8 @@ def crossing(
     classes, at 0 updates). ``None`` if the target was never reached.
 
     Example:
-        >>> crossing([0.5, 0.9, 0.97], [100, 200, 300], 0.95)
-        271.42857142857144
+        >>> round(crossing([0.5, 0.9, 0.97], [100, 200, 300], 0.95), 3)
+        271.429
     """
     previous_accuracy, previous_updates = initial_accuracy, 0.0
     for accuracy, updates in zip(val_accuracy, cumulative_updates, strict=True):
@@ -196,8 +196,9 @@ def scaling_efficiencies(
     ``None`` where either side did not reach the target.
 
     Example:
-        >>> scaling_efficiencies([512, 1024, 2048], [400, 200, 180])
-        [1.0, 0.15200309344504997]
+        >>> [round(e, 3) for e in scaling_efficiencies([512, 1024, 2048],
+        ...                                           [400, 200, 180])]
+        [1.0, 0.152]
     """
     result: list[float | None] = []
     for index in range(len(batches) - 1):
