@@ -8,7 +8,8 @@ Example:
 """
 
 from accumulate.accumulator import GradientAccumulator
-from accumulate.model import AccumulatingModel, validate_accumulation_steps
+from accumulate.model import AccumulatingModel
+from accumulate.schedule import validate_accumulation_steps
 from accumulate.twins import build_mlp, make_twins
 
 __version__ = "0.1.0"

@@ -62,6 +62,8 @@ class GradientAccumulator(tf.Module):
     Args:
         variables: the trainable variables whose gradients are accumulated, in
             the order the gradients will be given.
+        window_size: micro-batches per window; 0 applies only on request
+            (whole-epoch windows, applied by `fit` at the epoch's end).
         name: name scope of the created variables.
 
     Example:
@@ -74,7 +76,12 @@ class GradientAccumulator(tf.Module):
         [[2.0, 1.0]]
     """
 
-    def __init__(self, variables: Sequence[tf.Variable], name: str = "accumulation"):
+    def __init__(
+        self,
+        variables: Sequence[tf.Variable],
+        window_size: int = 0,
+        name: str = "accumulation",
+    ):
         super().__init__(name=name)
         with tf.name_scope(name):
             self.gradient_sums = [
@@ -95,6 +102,12 @@ class GradientAccumulator(tf.Module):
             # that a run restored mid-epoch knows what it already holds.
             self.micro_batches_this_epoch = tf.Variable(
                 0, dtype=tf.int64, name="micro_batches_this_epoch", **_COUNTER
+            )
+            # Micro-batches per window in effect, 0 for the whole epoch: read
+            # in the graph, so a schedule changes it without retracing. Not
+            # saved: it follows from the schedule and the epoch.
+            self.window_size = tf.Variable(
+                window_size, dtype=tf.int64, name="window_size", **_COUNTER
             )
         self.variable_dtypes = [tf.as_dtype(variable.dtype) for variable in variables]
         # The variables the window is for, kept out of checkpoint tracking
@@ -163,6 +176,10 @@ class GradientAccumulator(tf.Module):
     def accumulated_variables(self) -> tuple[tf.Variable, ...]:
         """The variables the window's gradients are for, in order."""
         return self._variables
+
+    def window_is_complete(self) -> tf.Tensor:
+        """Whether the window holds as many micro-batches as it should."""
+        return tf.logical_and(self.window_size > 0, self.steps >= self.window_size)
 
     def gradient_sum_values(self) -> list[tf.Tensor | None]:
         """This replica's weighted sums, ``None`` for variables without gradient."""

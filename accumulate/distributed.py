@@ -51,21 +51,24 @@ def cond_in_cross_replica_context(
 
 
 def all_reduce_window(
-    gradient_sums: Sequence[tf.Tensor | None], samples: tf.Tensor
-) -> tuple[list[tf.Tensor | None], tf.Tensor]:
-    """Sums the window over replicas in one all-reduce (a no-op on one)."""
+    gradient_sums: Sequence[tf.Tensor | None], scalars: Sequence[tf.Tensor]
+) -> tuple[list[tf.Tensor | None], list[tf.Tensor]]:
+    """Sums the window (and its counts) over replicas in one all-reduce.
+
+    A no-op on one replica.
+    """
     replica_context = tf.distribute.get_replica_context()
     if replica_context is None or replica_context.num_replicas_in_sync <= 1:
-        return list(gradient_sums), samples
+        return list(gradient_sums), list(scalars)
     present = [gradient for gradient in gradient_sums if gradient is not None]
-    *reduced, total_samples = replica_context.all_reduce(
-        tf.distribute.ReduceOp.SUM, [*present, samples]
+    reduced = replica_context.all_reduce(
+        tf.distribute.ReduceOp.SUM, [*present, *scalars]
     )
-    reduced_iterator = iter(reduced)
+    reduced_iterator = iter(reduced[: len(present)])
     return [
         None if gradient is None else next(reduced_iterator)
         for gradient in gradient_sums
-    ], total_samples
+    ], list(reduced[len(present) :])
 
 
 def _optimizer_chain(optimizer: Any) -> list[Any]:

@@ -46,6 +46,7 @@ class EpochBoundaries(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         model = self._accumulating_model
+        model._begin_epoch(epoch)
         state = model._accumulation
         first_epoch_of_fit, self._first_epoch_of_fit = self._first_epoch_of_fit, False
         if state is None:
@@ -65,7 +66,11 @@ class EpochBoundaries(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self._flush()
-        state = self._accumulating_model._accumulation
+        model = self._accumulating_model
+        if model._noise_scale is not None and logs is not None:
+            # The same dict reaches History and the progress bar after us.
+            logs.update(model._noise_scale.epoch_logs())
+        state = model._accumulation
         if state is not None:
             # The epoch is complete: a checkpoint taken now (BackupAndRestore
             # with save_freq="epoch") resumes at the next epoch's first batch.

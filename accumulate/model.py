@@ -11,34 +11,17 @@ import numpy as np
 import tensorflow as tf
 from keras.src.models.functional import Functional
 
-from accumulate import distributed
+from accumulate import distributed, noise_scale
 from accumulate.accumulator import GradientAccumulator
 from accumulate.fit_callback import with_epoch_boundaries
+from accumulate.noise_scale import NoiseScaleMeter
+from accumulate.schedule import EPOCH, AccumulationSchedule
 
-EPOCH = "epoch"
 _STATE_KEY = "accumulation_state_"
+_NOISE_STATE_KEY = "noise_scale_state_"
 # Frames between Keras's cloning function and our constructor: type.__call__
 # adds none, a subclass's own __init__ one each.
 _CLONE_FRAME_SEARCH_DEPTH = 6
-
-
-def validate_accumulation_steps(accumulation_steps: Any) -> int | str:
-    """Returns ``accumulation_steps`` normalised, or raises a `ValueError`."""
-    if isinstance(accumulation_steps, str) and accumulation_steps == EPOCH:
-        return EPOCH
-    if (
-        isinstance(accumulation_steps, numbers.Integral)
-        and not isinstance(accumulation_steps, bool)
-        and accumulation_steps >= 1
-    ):
-        return int(accumulation_steps)
-    raise ValueError(
-        "`accumulation_steps` must be a positive integer N (apply the "
-        'accumulated gradient every N micro-batches) or the string "epoch" '
-        "(apply it once per epoch); received "
-        f"accumulation_steps={accumulation_steps!r} "
-        f"(type {type(accumulation_steps).__name__})."
-    )
 
 
 def _batch_size(x: Any) -> tf.Tensor:
@@ -77,7 +60,10 @@ class AccumulatingModel(keras.Model):
         accumulation_steps: a positive int N, to apply every N micro-batches,
             or ``"epoch"``, to apply once per epoch from every batch of the
             epoch (full-batch gradient descent through `fit`, whether the
-            dataset's length is known or not). ``1`` is a standard step.
+            dataset's length is known or not). ``1`` is a standard step. Or
+            a schedule ``{first_epoch: N_or_"epoch"}`` (see `schedule`); a
+            callback can change it with `set_accumulation_steps`. A change
+            takes effect when an epoch begins, never inside a window.
         flush_at_epoch_end: when a window is incomplete at the end of an epoch,
             apply it then, weighted by the samples it holds (the default), or
             carry it into the next epoch (``False``; not allowed with
@@ -85,8 +71,19 @@ class AccumulatingModel(keras.Model):
             returns stays in the accumulators: the next `fit` or
             `train_on_batch` continues it, `apply_accumulated_gradients()`
             applies it now, and `reset_accumulated_gradients()` drops it.
+        measure_noise_scale: log the gradient noise scale of McCandlish et
+            al. (2018) in `fit`'s epoch logs and history:
+            ``gradient_sq_norm`` (|G|²), ``gradient_variance`` (tr Σ, one
+            sample) and ``gradient_noise_scale`` (their ratio, B_simple, in
+            samples), estimated from each window's micro-batches (see
+            `noise_scale` for the estimator and its assumptions). Needs
+            windows of at least 2 micro-batches.
         *args, **kwargs: as for `keras.Model` (functional ``inputs, outputs``
             or nothing when subclassing).
+
+    Micro-batches of weight 0 (no samples, or only padding under a Keras
+    mask) count for nothing: they add nothing, are not one of the window's N,
+    and never trigger an update; a window is never applied empty.
 
     What counts once per update: everything the optimizer does. Clipping
     (``clipnorm``, ``global_clipnorm``), weight decay, EMA, Adam's bias
@@ -140,39 +137,109 @@ class AccumulatingModel(keras.Model):
     def __init__(
         self,
         *args: Any,
-        accumulation_steps: int | str = 1,
+        accumulation_steps: int | str | dict[int, int | str] = 1,
         flush_at_epoch_end: bool = True,
+        measure_noise_scale: bool = False,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self._configure_accumulation(accumulation_steps, flush_at_epoch_end)
         self._accumulation: GradientAccumulator | None = None
+        self._noise_scale: NoiseScaleMeter | None = None
         self._accumulated_variable_ids: list[int] = []
         self._apply_function = None
+        self._epoch = 0
+        self._fitting = False
+        self._configure_accumulation(
+            accumulation_steps, flush_at_epoch_end, measure_noise_scale
+        )
 
     def _configure_accumulation(
-        self, accumulation_steps: int | str, flush_at_epoch_end: bool
+        self,
+        accumulation_steps: Any,
+        flush_at_epoch_end: bool,
+        measure_noise_scale: bool = False,
     ) -> None:
-        accumulation_steps = validate_accumulation_steps(accumulation_steps)
-        if not isinstance(flush_at_epoch_end, bool):
-            raise ValueError(
-                "`flush_at_epoch_end` must be True or False; received "
-                f"flush_at_epoch_end={flush_at_epoch_end!r}."
-            )
-        if accumulation_steps == EPOCH and not flush_at_epoch_end:
+        schedule = AccumulationSchedule(accumulation_steps)
+        for name, value in (
+            ("flush_at_epoch_end", flush_at_epoch_end),
+            ("measure_noise_scale", measure_noise_scale),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"`{name}` must be True or False; received {name}={value!r}."
+                )
+        if EPOCH in schedule.values and not flush_at_epoch_end:
             raise ValueError(
                 'accumulation_steps="epoch" applies at the end of every epoch, '
                 "so it needs flush_at_epoch_end=True; received "
-                "flush_at_epoch_end=False."
+                f"accumulation_steps={schedule.config!r}, flush_at_epoch_end=False."
             )
-        self._accumulation_steps = accumulation_steps
+        if measure_noise_scale and 1 in schedule.values:
+            raise ValueError(
+                "measure_noise_scale=True compares each micro-batch's gradient "
+                "with its window's, so every window needs at least 2 "
+                f"micro-batches; received accumulation_steps={schedule.config!r}"
+                ", which updates after every micro-batch in some epochs. Use "
+                'accumulation_steps >= 2 (or "epoch") throughout.'
+            )
+        self._schedule = schedule
         self._flush_at_epoch_end = flush_at_epoch_end
-        self.train_function = None
+        self._measure_noise_scale = measure_noise_scale
+        if not self._fitting:
+            self._window_size = schedule.at_epoch(self._epoch)
+            self._write_window_size()
 
     @property
-    def accumulation_steps(self) -> int | str:
-        """Micro-batches per update (an int), or ``"epoch"``."""
-        return self._accumulation_steps
+    def accumulation_steps(self) -> int | str | dict[int, int | str]:
+        """As configured: an int N, ``"epoch"``, or a schedule by epoch."""
+        return self._schedule.config
+
+    @property
+    def current_accumulation_steps(self) -> int | str:
+        """The window size in effect now: an int N or ``"epoch"``."""
+        return self._window_size
+
+    @property
+    def measure_noise_scale(self) -> bool:
+        """Whether `fit` logs the gradient noise scale (see `noise_scale`)."""
+        return self._measure_noise_scale
+
+    def set_accumulation_steps(self, accumulation_steps: Any) -> None:
+        """Changes the window size (or schedule) from the next epoch on.
+
+        Meant for callbacks: called during `fit`, the change takes effect
+        when the next epoch begins, never inside a window that the current
+        epoch is filling. Outside `fit` it takes effect at once. The value is
+        validated like the constructor's and saved with the model.
+
+        Example:
+            >>> import keras
+            >>> class Grow(keras.callbacks.Callback):
+            ...     def on_epoch_end(self, epoch, logs=None):
+            ...         self.model.set_accumulation_steps(2 ** (epoch + 1))
+        """
+        self._configure_accumulation(
+            accumulation_steps, self._flush_at_epoch_end, self._measure_noise_scale
+        )
+
+    def _begin_epoch(self, epoch: int) -> None:
+        """Puts the schedule's window size for ``epoch`` into effect."""
+        self._epoch = epoch
+        self._window_size = self._schedule.at_epoch(epoch)
+        self._write_window_size()
+        if self._noise_scale is not None:
+            self._noise_scale.start_epoch()
+
+    def _write_window_size(self) -> None:
+        if self._accumulation is not None:
+            distributed.assign_total(
+                self._accumulation.window_size,
+                self._window_size_value(),
+                self.distribute_strategy,
+            )
+
+    def _window_size_value(self) -> int:
+        return 0 if self._window_size == EPOCH else self._window_size
 
     @property
     def flush_at_epoch_end(self) -> bool:
@@ -221,17 +288,14 @@ class AccumulatingModel(keras.Model):
                 self._build_accumulation_state()
         state = self._accumulation
         state.count_micro_batch(_batch_size(x))
-        state.add(
-            gradients,
-            self.micro_batch_weight(x, y, y_pred, sample_weight),
-            gradient_scale=_loss_scale(self.optimizer),
+        weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
+        scale = _loss_scale(self.optimizer)
+        state.add(gradients, weight, gradient_scale=scale)
+        if self._noise_scale is not None:
+            self._measure_micro_batch(gradients, weight, scale)
+        distributed.cond_in_cross_replica_context(
+            state.window_is_complete(), self._apply_window, self.optimizer
         )
-        if self._accumulation_steps != EPOCH:
-            distributed.cond_in_cross_replica_context(
-                state.steps >= self._accumulation_steps,
-                self._apply_window,
-                self.optimizer,
-            )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if isinstance(
             self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy
@@ -290,13 +354,30 @@ class AccumulatingModel(keras.Model):
             )
         return counts[0]
 
+    def _measure_micro_batch(
+        self, gradients: list[Any], weight: tf.Tensor, scale: Any
+    ) -> None:
+        def add() -> None:
+            squared_norm = noise_scale.squared_norm(gradients)
+            if scale is not None:
+                squared_norm = squared_norm / tf.square(tf.cast(scale, tf.float32))
+            self._noise_scale.add_micro_batch(squared_norm, weight)
+
+        tf.cond(tf.cast(weight, tf.float32) > 0.0, add, lambda: None)
+
     def _apply_window(self) -> None:
         """One optimizer update on the window's mean gradient, then reset."""
         state = self._accumulation
-        gradient_sums, total_samples = distributed.all_reduce_window(
-            state.gradient_sum_values(), state.samples.read_value()
+        meter = self._noise_scale
+        gradient_sums, (total_samples, *noise_totals) = distributed.all_reduce_window(
+            state.gradient_sum_values(),
+            [state.samples.read_value(), *(meter.window_totals() if meter else [])],
         )
         gradients = state.mean_gradients(total_samples, gradient_sums)
+        if meter is not None:
+            meter.end_window(
+                noise_scale.squared_norm(gradients), total_samples, noise_totals
+            )
         scale = _loss_scale(self.optimizer)
         if scale is not None:
             # The sums are unscaled; the optimizer unscales what it is given.
@@ -345,6 +426,8 @@ class AccumulatingModel(keras.Model):
         if self._accumulation is not None:
             with self.distribute_strategy.scope():
                 self.distribute_strategy.run(self._accumulation.reset)
+                if self._noise_scale is not None:
+                    self.distribute_strategy.run(self._noise_scale.reset_window)
 
     # -- Keras integration -------------------------------------------------------
 
@@ -375,9 +458,14 @@ class AccumulatingModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any):
-        return super().fit(
-            *args, callbacks=with_epoch_boundaries(callbacks, self), **kwargs
-        )
+        # While fitting, set_accumulation_steps waits for the next epoch.
+        self._fitting = True
+        try:
+            return super().fit(
+                *args, callbacks=with_epoch_boundaries(callbacks, self), **kwargs
+            )
+        finally:
+            self._fitting = False
 
     def make_train_function(self, force: bool = False):
         if self.built:
@@ -420,7 +508,11 @@ class AccumulatingModel(keras.Model):
                     )
                 self.train_function = None
                 self._apply_function = None
-            self._accumulation = GradientAccumulator(self.trainable_variables)
+            self._accumulation = GradientAccumulator(
+                self.trainable_variables, window_size=self._window_size_value()
+            )
+            if self._measure_noise_scale:
+                self._noise_scale = NoiseScaleMeter()
         self._accumulated_variable_ids = variable_ids
 
     # -- Serialisation -------------------------------------------------------------
@@ -435,8 +527,9 @@ class AccumulatingModel(keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config["accumulation_steps"] = self._accumulation_steps
+        config["accumulation_steps"] = self.accumulation_steps
         config["flush_at_epoch_end"] = self._flush_at_epoch_end
+        config["measure_noise_scale"] = self._measure_noise_scale
         return config
 
     @classmethod
@@ -445,6 +538,7 @@ class AccumulatingModel(keras.Model):
         options = {
             "accumulation_steps": config.pop("accumulation_steps", 1),
             "flush_at_epoch_end": config.pop("flush_at_epoch_end", True),
+            "measure_noise_scale": config.pop("measure_noise_scale", False),
         }
         model = super().from_config(config, custom_objects=custom_objects)
         model._configure_accumulation(**options)
@@ -452,33 +546,45 @@ class AccumulatingModel(keras.Model):
 
     def save_own_variables(self, store: Any) -> None:
         super().save_own_variables(store)
-        if self._accumulation is not None:
-            for index, variable in enumerate(self._accumulation.variables_to_save):
-                store[f"{_STATE_KEY}{index}"] = variable.numpy()
+        for prefix, variables in self._state_to_save().items():
+            for index, variable in enumerate(variables):
+                store[f"{prefix}{index}"] = variable.numpy()
 
     def load_own_variables(self, store: Any) -> None:
         keys = list(store.keys())
-        state_keys = [key for key in keys if key.startswith(_STATE_KEY)]
+        prefixes = (_STATE_KEY, _NOISE_STATE_KEY)
         super().load_own_variables(
-            {key: store[key] for key in keys if not key.startswith(_STATE_KEY)}
+            {key: store[key] for key in keys if not key.startswith(prefixes)}
         )
-        if not state_keys:
+        if not any(key.startswith(_STATE_KEY) for key in keys):
             return
         self._build_accumulation_state()
-        saved = self._accumulation.variables_to_save
-        if len(state_keys) != len(saved):
-            raise ValueError(
-                f"The saved accumulation state has {len(state_keys)} variables "
-                f"but this model accumulates {len(saved)}; was it saved from a "
-                "model with other trainable variables?"
-            )
-        for index, variable in enumerate(saved):
-            # np.asarray: keras 3.10's H5 store hands back h5py datasets.
-            distributed.assign_total(
-                variable,
-                np.asarray(store[f"{_STATE_KEY}{index}"]),
-                self.distribute_strategy,
-            )
+        for prefix, variables in self._state_to_save().items():
+            saved_keys = [key for key in keys if key.startswith(prefix)]
+            if prefix == _NOISE_STATE_KEY and not saved_keys:
+                continue  # saved without measuring: start measuring afresh
+            if len(saved_keys) != len(variables):
+                raise ValueError(
+                    f"The saved accumulation state has {len(saved_keys)} "
+                    f"variables under {prefix!r} but this model has "
+                    f"{len(variables)}; was it saved from a model with other "
+                    "trainable variables?"
+                )
+            for index, variable in enumerate(variables):
+                # np.asarray: keras 3.10's H5 store hands back h5py datasets.
+                distributed.assign_total(
+                    variable,
+                    np.asarray(store[f"{prefix}{index}"]),
+                    self.distribute_strategy,
+                )
+
+    def _state_to_save(self) -> dict[str, list[tf.Variable]]:
+        state = {}
+        if self._accumulation is not None:
+            state[_STATE_KEY] = self._accumulation.variables_to_save
+        if self._noise_scale is not None:
+            state[_NOISE_STATE_KEY] = self._noise_scale.variables_to_save
+        return state
 
 
 @keras.saving.register_keras_serializable(
