@@ -740,6 +740,9 @@ def _start_worker() -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    # Every run builds and traces a new model, which TensorFlow reports as
+    # "excessive retracing" of Keras's train function: expected here.
+    tf.get_logger().setLevel("ERROR")
 
 
 def _describe(record: dict[str, Any]) -> str:

@@ -289,13 +289,15 @@ def noise_summary(series: Sequence[Point]) -> NoiseSummary:
     first, values, last = [], [], []
     runs = 0
     for point in series:
-        if point.best is None or point.window == 1:
+        # The best run, or where no rate reached the target, the closest one.
+        record = point.best or point.closest
+        if point.window == 1:
             continue
-        history = _noise_history(point.best, until_target=True)
+        history = _noise_history(record, until_target=True)
         if not history:
             continue
         runs += 1
-        raw = point.best["history"].get("gradient_noise_scale", [])
+        raw = record["history"].get("gradient_noise_scale", [])
         if raw and raw[0] is not None and raw[0] > 0:
             first.append(raw[0])
         values += history
@@ -609,7 +611,7 @@ def _timing_section(records: Sequence[dict[str, Any]]) -> list[str]:
         "| window | runs | seconds per epoch (median) | range over runs |",
         "|---|---|---|---|",
     ]
-    order = sorted(by_window, key=lambda w: (w == "adaptive", _window_key_text(w)))
+    order = sorted(by_window, key=_window_key_text)
     for window in order:
         values = by_window[window]
         lines.append(
@@ -657,7 +659,9 @@ def _epoch_cost_text(records: Sequence[dict[str, Any]], dataset: str) -> str:
 
 
 def _window_key_text(window: str) -> float:
-    return math.inf if window == EPOCH else float(window)
+    if window == ADAPTIVE:
+        return math.inf
+    return 1e9 if window == EPOCH else float(window)
 
 
 def _table(series: list[Point], efficiencies: list[float | None]) -> list[str]:
@@ -867,10 +871,11 @@ def _noise_verdict(
     if noise.median is None:
         return [
             "No noise-scale measurement is available (the study ran without "
-            "`measure_noise_scale`, or no measuring run reached the target)."
+            "`measure_noise_scale`)."
         ]
     text = [
         f"Measured along the best run of each window N ≥ 2 up to its target "
+        "(or, where no rate reached it, the run that came closest) "
         f"({noise.runs} runs), B_simple was {_fmt(noise.first_epoch)} samples in "
         f"the first epoch, {_fmt(noise.median)} as the median over training and "
         f"{_fmt(noise.at_target)} at the epoch that reached the target (medians "
