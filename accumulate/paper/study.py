@@ -546,6 +546,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         train,
         epochs=spec.epochs,
         validation_data=validation,
+        # The dataset reshuffles itself each epoch; fit cannot shuffle it.
+        shuffle=False,
         callbacks=_make_callbacks(spec, batches_per_epoch, record),
         verbose=0,
     )
