@@ -336,7 +336,6 @@ def plot_to_target(
     key: str,
     path: Path,
     title: str,
-    samples: int,
 ) -> Path:
     """Updates- or epochs-to-target against effective batch, log-log.
 
@@ -403,12 +402,7 @@ def plot_to_target(
         record = adaptive.get(optimizer)
         if record and record.get("to_target"):
             axis.plot(
-                _effective_batch(record)
-                if key == "updates"
-                else samples
-                / max(
-                    record["to_target"]["updates"] / record["to_target"]["epochs"], 1
-                ),
+                _effective_batch(record),
                 record["to_target"][key],
                 marker="*",
                 markersize=12,
@@ -1112,11 +1106,6 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
         if not series:
             continue
         adaptive = {o: _adaptive_best(records, dataset, o) for o in optimizers}
-        samples = (
-            next(iter(series.values()))[0].best
-            or next(iter(series.values()))[0].closest
-        )
-        samples = samples["data"]["train_samples"]
         for key, stem in (
             ("updates", "updates_to_target"),
             ("epochs", "epochs_to_target"),
@@ -1130,7 +1119,6 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
                     out / f"{stem}-{dataset}.png",
                     f"{name} to target vs effective batch, best lr per window\n"
                     + context,
-                    samples,
                 )
             )
         main = "sgd" if "sgd" in series else optimizers[0]
