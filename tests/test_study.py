@@ -11,6 +11,8 @@ import pytest
 from accumulate.paper import study, study_report
 from accumulate.paper.study import (
     EPOCH,
+    best_run,
+    crossing,
     edge_extension,
     learning_rate_grid,
     noise_scale_window,
@@ -18,7 +20,6 @@ from accumulate.paper.study import (
 )
 from accumulate.paper.study_report import (
     bend,
-    crossing,
     fit_critical_batch,
     scaling_efficiencies,
 )
@@ -104,13 +105,30 @@ def test_learning_rate_grids_are_factor_two_ladders_growing_with_the_batch():
     )
 
 
-def _record(rate, updates=None, peak=0.5):
+def _record(rate, updates=None, peak=0.5, accuracy=None):
     reached = {"updates": updates, "epochs": 1, "seconds_excluding_compile": 1.0}
     return {
-        "spec": {"learning_rate": rate},
+        "spec": {"learning_rate": rate, "target": 0.9},
         "to_target": reached if updates else None,
-        "history": {"val_accuracy": [peak]},
+        "history": {
+            "val_accuracy": accuracy or [peak],
+            "cumulative_updates": [updates or 1],
+        },
+        "initial_val_accuracy": 0.1,
     }
+
+
+def test_best_run_breaks_ties_in_the_same_epoch_by_the_interpolated_crossing():
+    # Both reach 0.9 after the first epoch's 100 updates; the second run
+    # crossed it earlier within the epoch (it ended further above it).
+    slow = _record(0.5, 100, accuracy=[0.91])
+    fast = _record(1.0, 100, accuracy=[0.99])
+    assert best_run([slow, fast]) is fast
+    assert best_run([fast, slow]) is fast
+    assert (
+        best_run([_record(0.5, 200), _record(1.0, 100)])["spec"]["learning_rate"] == 1.0
+    )
+    assert best_run([_record(0.5), _record(1.0)]) is None
 
 
 def test_edge_extension_goes_beyond_the_edge_holding_the_best_rate():

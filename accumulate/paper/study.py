@@ -71,9 +71,14 @@ __all__ = [
     "RunSpec",
     "StudySettings",
     "add_arguments",
+    "best_run",
+    "crossing",
+    "edge_extension",
+    "interpolated_updates",
     "learning_rate_grid",
     "main",
     "noise_scale_window",
+    "plan",
     "run",
     "run_one",
     "run_study",
@@ -341,6 +346,47 @@ def _median(values: Sequence[float]) -> float:
     if len(ordered) % 2:
         return float(ordered[middle])
     return float((ordered[middle - 1] + ordered[middle]) / 2)
+
+
+def crossing(
+    val_accuracy: Sequence[float | None],
+    cumulative_updates: Sequence[int],
+    target: float,
+    initial_accuracy: float = 0.1,
+) -> float | None:
+    """Updates at which validation accuracy crossed ``target``, interpolated.
+
+    Linear in accuracy between the epoch before the target and the epoch that
+    reached it (before the first epoch: ``initial_accuracy``, chance for ten
+    classes, at 0 updates). ``None`` if the target was never reached.
+
+    Example:
+        >>> round(crossing([0.5, 0.9, 0.97], [100, 200, 300], 0.95), 3)
+        271.429
+    """
+    previous_accuracy, previous_updates = initial_accuracy, 0.0
+    for accuracy, updates in zip(val_accuracy, cumulative_updates, strict=True):
+        if accuracy is None:
+            continue
+        if accuracy >= target:
+            if accuracy <= previous_accuracy:
+                return float(updates)
+            fraction = (target - previous_accuracy) / (accuracy - previous_accuracy)
+            fraction = min(max(fraction, 0.0), 1.0)
+            return previous_updates + fraction * (updates - previous_updates)
+        previous_accuracy, previous_updates = accuracy, float(updates)
+    return None
+
+
+def interpolated_updates(record: dict[str, Any]) -> float | None:
+    """`crossing` for one run record, from the accuracy before training."""
+    history = record["history"]
+    return crossing(
+        history.get("val_accuracy", []),
+        history["cumulative_updates"],
+        record["spec"]["target"],
+        record.get("initial_val_accuracy") or 0.1,
+    )
 
 
 # -- One run -------------------------------------------------------------------
@@ -671,9 +717,12 @@ def plan(settings: StudySettings) -> list[RunSpec]:
 
 
 def best_run(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-    """The run reaching the target in the fewest updates (then seconds).
+    """The run reaching the target in the fewest updates.
 
-    Among runs that never reach it, none is best: ``None``.
+    Runs reaching it in the same epoch (and so the same count of updates)
+    are told apart by where their accuracy crossed the target within that
+    epoch (`interpolated_updates`). Among runs that never reach it, none is
+    best: ``None``.
     """
     reached = [record for record in records if record.get("to_target")]
     if not reached:
@@ -682,7 +731,7 @@ def best_run(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
         reached,
         key=lambda record: (
             record["to_target"]["updates"],
-            record["to_target"]["seconds_excluding_compile"],
+            interpolated_updates(record),
         ),
     )
 

@@ -8,8 +8,9 @@ Everything the report says is computed here from the JSON that
   the epoch's 118 micro-batches counts its smaller last window too;
 * **updates-to-target** etc.: see `accumulate.paper.study.to_target`. Since
   validation runs once per epoch, the scaling analysis also uses an
-  *interpolated* count (`crossing`), without which two windows that reach
-  the target in the same epoch would show perfect scaling by construction;
+  *interpolated* count (`accumulate.paper.study.crossing`), without which
+  two windows that reach the target in the same epoch would show perfect
+  scaling by construction;
 * **scaling efficiency** of a doubling of the batch from B1 to B2:
   log(U1 / U2) / log(B2 / B1), 1 for perfect scaling (updates halve), 0 for
   no gain; the **bend** is the first step whose efficiency is below 0.5;
@@ -36,13 +37,13 @@ from accumulate.paper.study import (
     EPOCH,
     PAPER_LEARNING_RATE,
     best_run,
+    interpolated_updates,
 )
 
 __all__ = [
     "Point",
     "bend",
     "build_study_report",
-    "crossing",
     "fit_critical_batch",
     "load_runs",
     "scaling_efficiencies",
@@ -78,36 +79,6 @@ def _effective_batch(record: dict[str, Any]) -> float:
     return record["data"]["train_samples"] * epochs / updates[-1]
 
 
-def crossing(
-    val_accuracy: Sequence[float | None],
-    cumulative_updates: Sequence[int],
-    target: float,
-    initial_accuracy: float = 0.1,
-) -> float | None:
-    """Updates at which validation accuracy crossed ``target``, interpolated.
-
-    Linear in accuracy between the epoch before the target and the epoch that
-    reached it (before the first epoch: ``initial_accuracy``, chance for ten
-    classes, at 0 updates). ``None`` if the target was never reached.
-
-    Example:
-        >>> round(crossing([0.5, 0.9, 0.97], [100, 200, 300], 0.95), 3)
-        271.429
-    """
-    previous_accuracy, previous_updates = initial_accuracy, 0.0
-    for accuracy, updates in zip(val_accuracy, cumulative_updates, strict=True):
-        if accuracy is None:
-            continue
-        if accuracy >= target:
-            if accuracy <= previous_accuracy:
-                return float(updates)
-            fraction = (target - previous_accuracy) / (accuracy - previous_accuracy)
-            fraction = min(max(fraction, 0.0), 1.0)
-            return previous_updates + fraction * (updates - previous_updates)
-        previous_accuracy, previous_updates = accuracy, float(updates)
-    return None
-
-
 # -- The analysis --------------------------------------------------------------------
 
 
@@ -138,15 +109,7 @@ class Point:
 
     @property
     def interpolated_updates(self) -> float | None:
-        if not self.best:
-            return None
-        history = self.best["history"]
-        return crossing(
-            history["val_accuracy"],
-            history["cumulative_updates"],
-            self.best["spec"]["target"],
-            self.best.get("initial_val_accuracy") or 0.1,
-        )
+        return interpolated_updates(self.best) if self.best else None
 
     @property
     def budget_updates(self) -> int:
