@@ -243,7 +243,7 @@ class NoiseSummary:
     """B_simple along the best runs of the windows that measure it."""
 
     first_epoch: float | None  # median over runs of the first epoch's value
-    median: float | None  # median over runs and epochs up to the target
+    median: float | None  # median over runs of each run's median to the target
     at_target: float | None  # median over runs of the value at the target epoch
     runs: int
 
@@ -263,7 +263,7 @@ def noise_summary(series: Sequence[Point]) -> NoiseSummary:
         raw = record["history"].get("gradient_noise_scale", [])
         if raw and raw[0] is not None and raw[0] > 0:
             first.append(raw[0])
-        values += history
+        values.append(float(np.median(history)))
         last.append(history[-1])
 
     def median(items: list[float]) -> float | None:
@@ -540,8 +540,18 @@ def _schedule(record: dict[str, Any]) -> str:
     return ", ".join(parts) or "—"
 
 
+def _steady_epoch_seconds(record: dict[str, Any]) -> list[float]:
+    """Epoch times without the first two epochs where the run has more.
+
+    The first epoch traces and compiles; the second often still pays for
+    one-off work (up to seconds), which would dominate runs that stop early.
+    """
+    seconds = record["history"]["epoch_seconds"]
+    return seconds[2:] if len(seconds) > 3 else seconds[1:]
+
+
 def _median_epoch_seconds(record: dict[str, Any]) -> float | None:
-    seconds = record["history"]["epoch_seconds"][1:]
+    seconds = _steady_epoch_seconds(record)
     return float(np.median(seconds)) if seconds else None
 
 
@@ -549,31 +559,33 @@ def _timing_section(records: Sequence[dict[str, Any]]) -> list[str]:
     by_window: dict[str, list[float]] = {}
     first: list[float] = []
     for record in records:
-        typical = _median_epoch_seconds(record)
         window = (
             "adaptive"
             if record["spec"]["arm"] == ADAPTIVE
             else str(record["spec"]["window"])
         )
-        if typical is not None:
-            by_window.setdefault(window, []).append(typical)
+        by_window.setdefault(window, []).extend(_steady_epoch_seconds(record))
         if record["history"]["epoch_seconds"]:
             first.append(record["history"]["epoch_seconds"][0])
     lines = [
         "## Time per epoch",
         "",
-        "Median over runs of each run's median epoch wall time (training and "
-        "validation, first epoch excluded), one TensorFlow thread per run:",
+        "Epoch wall time (training and validation) pooled over every run of a "
+        "window, without each run's first two epochs (tracing, compilation and "
+        "other one-off work), one TensorFlow thread per run:",
         "",
-        "| window | runs | seconds per epoch (median) | range over runs |",
+        "| window | epochs | seconds per epoch (median) | 10th-90th percentile |",
         "|---|---|---|---|",
     ]
     order = sorted(by_window, key=_window_key_text)
     for window in order:
         values = by_window[window]
+        if not values:
+            continue
+        low, high = np.percentile(values, [10, 90])
         lines.append(
             f"| {window} | {len(values)} | {np.median(values):.3f} | "
-            f"{min(values):.3f}-{max(values):.3f} |"
+            f"{low:.3f}-{high:.3f} |"
         )
     if first:
         lines += [
@@ -591,9 +603,11 @@ def _epoch_cost_text(records: Sequence[dict[str, Any]], dataset: str) -> str:
     by_window: dict[Any, list[float]] = {}
     for record in records:
         spec = record["spec"]
-        typical = _median_epoch_seconds(record)
-        if spec["dataset"] == dataset and spec["arm"] == "grid" and typical:
-            by_window.setdefault(spec["window"], []).append(typical)
+        if spec["dataset"] == dataset and spec["arm"] == "grid":
+            by_window.setdefault(spec["window"], []).extend(
+                _steady_epoch_seconds(record)
+            )
+    by_window = {w: v for w, v in by_window.items() if v}
     medians = {w: float(np.median(v)) for w, v in by_window.items()}
     if len(medians) < 2:
         return ""
@@ -831,29 +845,37 @@ def _noise_verdict(
             "`measure_noise_scale`)."
         ]
     text = [
-        f"Measured along the best run of each window N ≥ 2 up to its target "
-        "(or, where no rate reached it, the run that came closest) "
-        f"({noise.runs} runs), B_simple was {_fmt(noise.first_epoch)} samples in "
-        f"the first epoch, {_fmt(noise.median)} as the median over training and "
-        f"{_fmt(noise.at_target)} at the epoch that reached the target (medians "
-        "over runs)."
+        "Measured along the best run of each window N ≥ 2 up to its target "
+        "(or, where no rate reached it, the run that came closest; "
+        f"{noise.runs} runs), B_simple was {_fmt(noise.first_epoch)} samples in "
+        f"the first epoch, {_fmt(noise.median)} over training (median of each "
+        f"run's median) and {_fmt(noise.at_target)} at the epoch that reached the "
+        "target (medians over runs): it grows as the loss falls."
     ]
+    span = [v for v in (noise.first_epoch, noise.at_target) if v is not None]
     for label, value in (("bend", bend_batch), ("fitted B_crit", b_crit)):
         if value is None:
             continue
-        low, high = sorted([value, noise.median])
-        factor = high / low
+        position = ""
+        if len(span) == 2:
+            low, high = min(span), max(span)
+            position = (
+                "inside the range B_simple spans during training"
+                if low <= value <= high
+                else "below the range B_simple spans during training"
+                if value < low
+                else "above the range B_simple spans during training"
+            )
+        factor = max(value, noise.median) / min(value, noise.median)
         if factor <= 2:
-            verdict = "agree within a factor of 2"
-        elif factor <= 4:
-            verdict = f"agree within a factor of {factor:.1f}"
+            verdict = "within a factor of 2 of"
         elif factor <= 10:
-            verdict = f"are the same order of magnitude (a factor of {factor:.1f})"
+            verdict = f"a factor of {factor:.1f} from"
         else:
-            verdict = f"differ by a factor of {factor:.0f}: B_simple does not locate it"
+            verdict = f"a factor of {factor:.0f} from (so not located by)"
         text.append(
-            f"The {label} ({value:,.0f}) and the median B_simple ({noise.median:,.0f}) "
-            f"{verdict}."
+            f"The {label} ({value:,.0f}) is {position + ', and ' if position else ''}"
+            f"{verdict} the median B_simple ({noise.median:,.0f})."
         )
     return text
 
