@@ -576,6 +576,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "name": spec.name,
         "data": {
             "train_samples": samples,
+            "test_samples": int(x_test.shape[0]),
             "batches_per_epoch": batches_per_epoch,
             "micro_batch": MICRO_BATCH,
         },

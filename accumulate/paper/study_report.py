@@ -780,11 +780,12 @@ def _one_step_per_epoch(
                 )
             else:
                 text.append(
-                    "Per update this budget cannot decide: the fewest updates to "
+                    "Per update the target cannot decide: the fewest updates to "
                     f"target were {fewest:,} ({_window_label(fewest_updates.window)}), "
                     f"more than the {budget_updates:,} the budget allowed one "
                     "update per epoch."
                 )
+                text.append(_at_equal_updates(full, series))
     elif others:
         for key, label in (
             ("epochs", "per epoch"),
@@ -834,6 +835,57 @@ def _one_step_per_epoch(
             )
         )
     return text
+
+
+def _accuracy_after(record: dict[str, Any], updates: int) -> tuple[float, int] | None:
+    """Best validation accuracy (and its epoch) within ``updates`` updates."""
+    history = record["history"]
+    result = None
+    for epoch, (count, accuracy) in enumerate(
+        zip(history["cumulative_updates"], history["val_accuracy"], strict=True),
+        start=1,
+    ):
+        if count > updates:
+            break
+        if accuracy is not None and (result is None or accuracy > result[0]):
+            result = (accuracy, epoch)
+    return result
+
+
+def _at_equal_updates(full: Point, series: list[Point]) -> str:
+    """Accuracy after as many updates as one-update-per-epoch made: per update."""
+    record = full.closest
+    updates = record["history"]["cumulative_updates"][-1]
+    own = _peak_accuracy(record)
+    rivals = []
+    for point in series:
+        if point.window == EPOCH:
+            continue
+        # The window's best run, or the closest where none reached the target.
+        after = _accuracy_after(point.best or point.closest, updates)
+        if after is not None:
+            rivals.append((after[0], after[1], point))
+    if not rivals:
+        return ""
+    accuracy, epoch, rival = max(rivals, key=lambda item: item[0])
+    # An accuracy measured on n test images has a binomial standard error of
+    # sqrt(p (1 - p) / n): differences within two of them are not resolved.
+    test_samples = record["data"].get("test_samples") or 10_000
+    error = math.sqrt(own * (1 - own) / test_samples)
+    if abs(own - accuracy) <= 2 * error:
+        verdict = (
+            f"level within two standard errors of a test-set accuracy ({2 * error:.4f})"
+        )
+    elif own > accuracy:
+        verdict = "so per update one step per epoch was ahead"
+    else:
+        verdict = "so per update it was behind"
+    return (
+        f"Compared at equal updates instead: after {updates:,} updates one update "
+        f"per epoch had reached {own:.4f} (its best), the best other window "
+        f"{accuracy:.4f} ({_window_label(rival.window)} after epoch {epoch}), "
+        f"{verdict}."
+    )
 
 
 def _noise_verdict(
