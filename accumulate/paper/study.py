@@ -906,7 +906,9 @@ def run_study(
                         pending_in_group[spec.group] -= 1
                         continue
                     extra = finished(spec, record)
-                    if extra is not None and not out_of_time():
+                    if extra is not None and out_of_time():
+                        not_run.append(extra.to_dict())
+                    elif extra is not None:
                         total += 1
                         new = pool.submit(_run_logged, extra, out)
                         futures[new] = extra

@@ -874,7 +874,8 @@ def _at_equal_updates(full: Point, series: list[Point]) -> str:
     error = math.sqrt(own * (1 - own) / test_samples)
     if abs(own - accuracy) <= 2 * error:
         verdict = (
-            f"level within two standard errors of a test-set accuracy ({2 * error:.4f})"
+            "so per update the two were level (within two standard errors of "
+            f"a test-set accuracy, {2 * error:.4f})"
         )
     elif own > accuracy:
         verdict = "so per update one step per epoch was ahead"
