@@ -1043,6 +1043,14 @@ def _momentum_text(
     return text
 
 
+def _tuned_full_batch(
+    series: dict[str, list[Point]], optimizer: str
+) -> dict[str, Any] | None:
+    """One update per epoch at its best rate (or closest run) for ``optimizer``."""
+    full = [p for p in series.get(optimizer, []) if p.window == EPOCH]
+    return (full[0].best or full[0].closest) if full else None
+
+
 def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
     """Writes the figures and ``report.md`` into ``out``; returns the paths."""
     out = Path(out)
@@ -1184,20 +1192,16 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
         paper = _paper_run(records, dataset, EPOCH)
         standard_paper = _paper_run(records, dataset, 1)
 
-        def tuned_full_batch(optimizer: str) -> dict[str, Any] | None:
-            full = [p for p in series.get(optimizer, []) if p.window == EPOCH]
-            return (full[0].best or full[0].closest) if full else None
-
         written.append(
             plot_paper_twin(
-                tuned_full_batch("sgd"),
+                _tuned_full_batch(series, "sgd"),
                 paper,
                 standard_paper,
                 out / f"paper_twin-{dataset}.png",
                 "One update per epoch: tuned lr vs the "
                 f"paper's {PAPER_LEARNING_RATE:g}\n{context}",
                 settings["targets"][dataset],
-                tuned_momentum=tuned_full_batch("momentum"),
+                tuned_momentum=_tuned_full_batch(series, "momentum"),
             )
         )
 
