@@ -795,7 +795,15 @@ def _one_step_per_epoch(
                     "update per epoch."
                 )
                 text.append(_at_equal_updates(full, series))
-    elif others:
+    else:
+        text.append(
+            f"One update per epoch reached the target at lr {full.rate:g} in "
+            f"{full.measure('epochs')} epochs (= {full.measure('updates'):,} updates, "
+            f"{full.measure('seconds_excluding_compile'):.1f} s)."
+        )
+        if not others:
+            text.append("No other window reached it to compare with.")
+    if full.reached and others:
         for key, label in (
             ("epochs", "per epoch"),
             ("updates", "per update"),
@@ -1000,7 +1008,23 @@ def _adaptive_text(
             else ""
         )
         + comparison
+        + _constant_schedule_note(adaptive)
     ]
+
+
+def _constant_schedule_note(record: dict[str, Any]) -> str:
+    """Says so when the adaptive arm never changed its window."""
+    windows = set(map(str, record["history"].get("accumulation_steps", [])))
+    if len(windows) != 1:
+        return ""
+    (window,) = windows
+    noise = [v for v in record["history"].get("gradient_noise_scale", []) if v]
+    peak = f" (at most {max(noise):,.0f})" if noise else ""
+    return (
+        f" It kept N={window} throughout: the B_simple it measured{peak} never "
+        "called for another window before the target, so here it is that fixed "
+        "window."
+    )
 
 
 def _momentum_text(
@@ -1259,9 +1283,16 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
         answers += [
             "**Is one step per epoch ever better?** "
             + " ".join(
-                _one_step_per_epoch(
-                    series[main], paper, standard_paper, settings["epochs"]
+                f"*{_OPTIMIZER_TITLES.get(o, o)}:* "
+                + " ".join(
+                    _one_step_per_epoch(
+                        series[o],
+                        paper if o == "sgd" else None,
+                        standard_paper if o == "sgd" else None,
+                        settings["epochs"],
+                    )
                 )
+                for o in optimizers
             ),
             "",
             f"**Does the noise scale predict the bend?** ({_OPTIMIZER_TITLES[main]}) "
