@@ -1265,7 +1265,6 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
             f"![paper twin](paper_twin-{dataset}.png)",
             "",
         ]
-        noise = noise_summary(series[main])
         answers += [f"### {title}", "", "**Where accumulation stops paying.**"]
         for optimizer, group in series.items():
             answers.append(" ".join(_where_it_stops(group, optimizer)[0]))
@@ -1295,9 +1294,17 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
                 for o in optimizers
             ),
             "",
-            f"**Does the noise scale predict the bend?** ({_OPTIMIZER_TITLES[main]}) "
+            "**Does the noise scale predict the bend?** "
             + " ".join(
-                _noise_verdict(noise, stops[main]["bend_batch"], stops[main]["b_crit"])
+                f"*{_OPTIMIZER_TITLES.get(o, o)}:* "
+                + " ".join(
+                    _noise_verdict(
+                        noise_summary(series[o]),
+                        stops[o]["bend_batch"],
+                        stops[o]["b_crit"],
+                    )
+                )
+                for o in optimizers
             ),
             "",
             "**What the adaptive arm buys.** "
