@@ -264,7 +264,8 @@ def noise_summary(series: Sequence[Point]) -> NoiseSummary:
         if raw and raw[0] is not None and raw[0] > 0:
             first.append(raw[0])
         values.append(float(np.median(history)))
-        last.append(history[-1])
+        if point.best is not None:  # only a run that reached it has a target epoch
+            last.append(history[-1])
 
     def median(items: list[float]) -> float | None:
         return float(np.median(items)) if items else None
@@ -920,7 +921,15 @@ def _noise_verdict(
         f"{noise.runs} runs), B_simple was {_fmt(noise.first_epoch)} samples in "
         f"the first epoch, {_fmt(noise.median)} over training (median of each "
         f"run's median) and {_fmt(noise.at_target)} at the epoch that reached the "
-        "target (medians over runs): it grows as the loss falls."
+        "target (medians over runs)"
+        + (
+            ""
+            if noise.first_epoch is None or noise.at_target is None
+            else ": it grew during training."
+            if noise.at_target > noise.first_epoch
+            else ": it did not grow during training."
+        )
+        + ("" if noise.first_epoch and noise.at_target else ".")
     ]
     span = [v for v in (noise.first_epoch, noise.at_target) if v is not None]
     for label, value in (("bend", bend_batch), ("fitted B_crit", b_crit)):
