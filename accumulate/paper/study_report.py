@@ -748,6 +748,13 @@ def _where_it_stops(series: list[Point], optimizer: str) -> tuple[list[str], dic
     }
 
 
+def _per_epoch(point: Point, key: str) -> float:
+    """What one epoch adds to ``key`` (epochs, updates or seconds) for a run."""
+    measured = point.measure(key)
+    epochs = point.measure("epochs")
+    return measured / epochs if measured is not None and epochs else 0.0
+
+
 def _one_step_per_epoch(
     series: list[Point],
     paper: dict[str, Any] | None,
@@ -812,11 +819,13 @@ def _one_step_per_epoch(
         ):
             rival = min(others, key=lambda p: p.measure(key))
             mine, theirs = full.measure(key), rival.measure(key)
-            verdict = (
-                "better"
-                if mine < theirs
-                else ("no better" if mine == theirs else "worse")
-            )
+            # Counts are only known to one epoch (validation runs once per
+            # epoch): a difference within one epoch of either run is a tie.
+            resolution = max(_per_epoch(full, key), _per_epoch(rival, key))
+            if abs(mine - theirs) <= resolution:
+                verdict = f"level within one epoch's resolution ({_fmt(resolution)})"
+            else:
+                verdict = "better" if mine < theirs else "worse"
             text.append(
                 f"{label.capitalize()}: one update per epoch needs {_fmt(mine)} "
                 f"({key.replace('_excluding_compile', '')}) against {_fmt(theirs)} "
