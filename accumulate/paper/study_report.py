@@ -1128,7 +1128,7 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
             "or failure); they are listed in `study.json`.",
             "",
         ]
-    lines += [
+    setup: list[str] = [
         "## Set-up",
         "",
         "* Model and data: the notebook's 784-128-64-32-10 tanh MLP, the same "
@@ -1187,12 +1187,13 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
     ]
     for optimizer, grids in summary["learning_rate_grids"].items():
         for window, rates in grids.items():
-            lines.append(
+            setup.append(
                 f"| {_OPTIMIZER_TITLES.get(optimizer, optimizer)} | {window} | "
                 + ", ".join(f"{r:g}" for r in rates)
                 + " |"
             )
-    lines += ["", *_timing_section(records)]
+    setup += ["", *_timing_section(records)]
+    details: list[str] = []
 
     answers: list[str] = ["## Answers", ""]
     for dataset in settings["datasets"]:
@@ -1248,11 +1249,11 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
         )
 
         stops = {}
-        lines += [f"## {title}", ""]
+        details += [f"## {title}: tables and figures", ""]
         for optimizer, group in series.items():
             _, stop = _where_it_stops(group, optimizer)
             stops[optimizer] = stop
-            lines += [
+            details += [
                 f"### {_OPTIMIZER_TITLES.get(optimizer, optimizer)}",
                 "",
                 *_table(group, stop["efficiencies"]),
@@ -1260,7 +1261,7 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
             ]
             adaptive_runs = adaptive[optimizer][1]
             if adaptive_runs:
-                lines += [
+                details += [
                     "Adaptive arm: "
                     + "; ".join(
                         f"lr {r['spec']['learning_rate']:g}: "
@@ -1276,7 +1277,7 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
                     ),
                     "",
                 ]
-        lines += [
+        details += [
             f"![updates to target](updates_to_target-{dataset}.png)",
             f"![epochs to target](epochs_to_target-{dataset}.png)",
             f"![noise scale](noise_scale-{dataset}.png)",
@@ -1344,6 +1345,8 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
         ]
     lines += [
         *answers,
+        *details,
+        *setup,
         "## Caveats",
         "",
         "* One seed and one data order: the spread over seeds is not measured "
