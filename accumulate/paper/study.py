@@ -16,8 +16,9 @@ Design (the numbers are in `StudySettings` and `learning_rate_grid`):
   run starts from the same weights), micro-batches of 512, pixels / 255,
   sparse categorical cross-entropy on logits, validation on the 10,000 test
   images after every epoch, as the notebook does;
-* the training set is reshuffled every epoch, in the same order for every
-  run (one seed): the standard choice for SGD, and the same for all N. For
+* the training set is reshuffled every epoch, with the same sequence of
+  epoch orders for every run (one seed): the standard choice for SGD, and
+  the same for all N. For
   ``"epoch"`` the order does not change the update (a full-batch gradient),
   only float rounding;
 * windows N in {1, 2, 4, ..., 64, "epoch"}; N = 1 is the plain standard twin
@@ -25,8 +26,8 @@ Design (the numbers are in `StudySettings` and `learning_rate_grid`):
   noise scale;
 * for every window a grid of learning rates, factor 2 apart, centred on a
   guess that grows with the batch, for plain SGD (the paper's) and SGD with
-  momentum 0.9; a grid whose best rate lies at its edge is extended by one
-  rate beyond that edge;
+  momentum 0.9; a grid whose best rate lies at its edge is extended once,
+  by one rate beyond that edge;
 * an adaptive arm: each epoch's N is set from the noise scale measured in the
   previous epoch (`noise_scale_window`), with a small learning-rate grid;
 * the paper's own pair at SGD 0.01 (N = 1 and N = "epoch") for comparison;
