@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from accumulate.paper import study as study_command
 from accumulate.paper.config import DATASETS, EPOCH, OPTIMIZERS, ExperimentConfig
 from accumulate.paper.reference import MODELS
 from accumulate.paper.results import load_result
@@ -94,7 +95,7 @@ def _existing_directory(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``accumulate`` argument parser, with its two subcommands."""
+    """The ``accumulate`` argument parser, with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="python -m accumulate",
         description="Reproduce the gradient-accumulation notebook with Keras fit.",
@@ -184,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_directory_arguments(report)
     report.set_defaults(handler=_report)
+
+    study = commands.add_parser(
+        "study",
+        help="when does one big step pay? updates-to-target vs batch size",
+        description="Tune the learning rate for each accumulation window, measure "
+        "updates, epochs and seconds to a validation-accuracy target and the "
+        "gradient noise scale, then write results/study/ (runs, figures, "
+        "report.md).",
+    )
+    study_command.add_arguments(study)
+    study.set_defaults(handler=study_command.run)
     return parser
 
 
