@@ -574,6 +574,7 @@ def test_clone_model_keeps_the_options_and_trains_with_them():
     assert epoch_clone.accumulation_steps == "epoch"
 
 
+@pytest.mark.tensorflow_only
 def test_saved_model_and_export_after_updates_serve_the_predictions(tmp_path):
     """Defect 6: tf.saved_model.save and model.export work after an apply."""
     _, ours = twins(2, "adam", flush=False)
@@ -908,6 +909,7 @@ def _bag_of_tokens(model_class, **kwargs):
     return model_class(inputs, outputs, **kwargs)
 
 
+@pytest.mark.tensorflow_only
 def test_sparse_embedding_gradients_with_duplicate_rows():
     """IndexedSlices with repeated tokens: ours equals densified plain Keras.
 

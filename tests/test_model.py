@@ -346,6 +346,7 @@ def test_weights_file_restores_the_window(tmp_path):
     assert max_difference(accumulating, other) == 0.0
 
 
+@pytest.mark.tensorflow_only
 def test_tf_checkpoint_tracks_the_window(tmp_path):
     _, accumulating = compiled_twins("sgd", accumulation_steps=3)
     x, y, _ = data(5, seed=14)

@@ -69,7 +69,9 @@ class Accumulation(VariableAccumulation):
             optimizer_variables=optimizer_variables,
         )
         unscaled_loss, y_pred, non_trainable_variables, metrics_variables = aux
-        weight = ops.cast(self.micro_batch_weight(x, y, y_pred, sample_weight), "float32")
+        weight = ops.cast(
+            self.micro_batch_weight(x, y, y_pred, sample_weight), "float32"
+        )
         return loss, (
             unscaled_loss,
             y_pred,
