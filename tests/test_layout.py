@@ -27,12 +27,20 @@ PAPER_MODULES_OTHERS_USE = ("datasets", "training", "notebook_loops")
 
 
 def library_modules(package: Path) -> dict[str, Path]:
-    """Module name -> file, for every library module under ``package``."""
-    return {
-        f"accumulate.{path.stem}" if path.stem != "__init__" else "accumulate": path
-        for path in sorted(package.glob("*.py"))
-        if path.name != ENTRY_POINT
-    }
+    """Module name -> file, for every library module under ``package``.
+
+    The library is the package's own modules and its backend glue
+    (``backends/``); ``paper/`` is the application.
+    """
+    modules = {}
+    for path in sorted([*package.glob("*.py"), *package.glob("backends/*.py")]):
+        if path.name == ENTRY_POINT:
+            continue
+        parts = ["accumulate", *path.relative_to(package).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
 
 
 def _is_type_checking_block(node: ast.AST) -> bool:
@@ -131,10 +139,18 @@ def test_the_library_is_the_expected_modules():
     assert set(library_modules(PACKAGE)) == {
         "accumulate",
         "accumulate.accumulator",
+        "accumulate.backends",
+        "accumulate.backends.jax",
+        "accumulate.backends.tensorflow",
+        "accumulate.backends.torch",
+        "accumulate.backends.variables",
         "accumulate.distributed",
         "accumulate.fit_callback",
         "accumulate.model",
+        "accumulate.noise_scale",
+        "accumulate.schedule",
         "accumulate.twins",
+        "accumulate.window",
     }
 
 
@@ -243,7 +259,8 @@ def test_import_accumulate_is_lazy_until_a_name_is_used():
 
 def test_public_names_resolve_to_the_library_objects():
     from accumulate.accumulator import GradientAccumulator
-    from accumulate.model import AccumulatingModel, validate_accumulation_steps
+    from accumulate.model import AccumulatingModel
+    from accumulate.schedule import validate_accumulation_steps
     from accumulate.twins import build_mlp, make_twins
 
     expected = {
