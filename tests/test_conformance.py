@@ -34,6 +34,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from accumulate import AccumulatingModel, make_twins
+from tests.conftest import BACKEND
 
 FEATURES, CLASSES = 4, 3
 LOSS = "sparse_categorical_crossentropy"
@@ -236,6 +237,12 @@ def fit_oracle(path, oracle, x, y, weights, window, epochs):
     return oracle.fit(x, y, shuffle=False, **common)
 
 
+# Plain Keras `fit` through a PyDataset with worker threads gives other
+# weights than through numpy arrays on JAX and PyTorch (measured: 0.028 after
+# two epochs, same batches, shuffle=False), so there is no plain oracle for
+# that path off TensorFlow.
+_NO_ORACLE_OFF_TENSORFLOW = ("py_dataset_workers_2",)
+
 PATHS = (
     "numpy",
     "tf_data",
@@ -249,6 +256,11 @@ PATHS = (
     "class_weight",
     "sample_weight",
     "shuffle",
+)
+PATHS = tuple(
+    path
+    for path in PATHS
+    if BACKEND == "tensorflow" or path not in _NO_ORACLE_OFF_TENSORFLOW
 )
 
 
@@ -351,6 +363,7 @@ class OrderRecorder(keras.Model):
         return {"samples": tf.constant(float(len(self.seen)))}
 
 
+@pytest.mark.tensorflow_only  # OrderRecorder's train_step has TF's signature
 def test_shuffled_permutation_does_not_depend_on_batch_size():
     """Why the "shuffle" path may use a shuffled plain fit as its oracle.
 
@@ -483,6 +496,12 @@ def _frozen_oracle(ours):
 
 
 @pytest.mark.parametrize("remedy", ["apply", "reset"])
+@pytest.mark.skipif(
+    BACKEND == "jax",
+    reason="On JAX a plain Keras model cannot fit after `trainable` changes "
+    "without compile(): its stateless optimizer applies to the variables it "
+    "was built with (the same ValueError as ours)",
+)
 def test_trainable_toggled_mid_window_both_remedies_work(remedy):
     """Defect 7: the error's remedies work, and the next fit trains.
 
