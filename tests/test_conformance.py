@@ -34,7 +34,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from accumulate import AccumulatingModel, make_twins
-from tests.conftest import BACKEND
+from tests.conftest import BACKEND, STEPS_PER_EXECUTION
 
 FEATURES, CLASSES = 4, 3
 LOSS = "sparse_categorical_crossentropy"
@@ -327,7 +327,7 @@ def _non_dividing(batches: int) -> int:
 @given(
     path=st.sampled_from(PATHS),
     steps_kind=st.sampled_from(["one", "dividing", "non_dividing", "epoch"]),
-    spe=st.sampled_from([1, 3]),
+    spe=st.sampled_from(STEPS_PER_EXECUTION),
     jit=st.booleans(),
     batches=st.integers(2, 6),
     batch=st.integers(2, 5),

@@ -295,6 +295,7 @@ def test_jit_compile_and_steps_per_execution(jit_compile, steps_per_execution):
     assert_same_weights(standard, accumulating)
 
 
+@pytest.mark.several_steps_per_execution
 def test_epoch_mode_with_jit_and_whole_epoch_per_execution():
     settings = {"jit_compile": True, "steps_per_execution": 100}
     standard, accumulating = compiled_twins(

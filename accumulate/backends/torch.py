@@ -37,12 +37,14 @@ class Accumulation(VariableAccumulation):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         training = {"training": True} if self._call_has_training_arg else {}
         y_pred = self(x, **training)
+        # Before the loss: a model whose outputs no single weight fits fails
+        # with our explanation, not with whatever its loss raises first.
+        weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
         self.zero_grad()
         loss = self._compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
         )
         self._loss_tracker.update_state(loss, sample_weight=batch_size(x))
-        weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
         state = self._accumulation
         variables = list(state.accumulated_variables)
         scale = self._loss_scale()
