@@ -1,4 +1,4 @@
-"""`backend_band.judge`: a run inside TensorFlow's seed band passes, one outside fails."""
+"""`backend_band.judge`: inside TensorFlow's seed band passes, outside fails."""
 
 from __future__ import annotations
 
