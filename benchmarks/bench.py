@@ -57,10 +57,12 @@ def build(data: harness.Data, quick: bool, patterns: list[str]) -> list[Variant]
 
     table = [s for s in specs if not quick or s.name.startswith(QUICK)]
     jits = (False,) if quick else (False, True)
+    # Keras's PyTorch trainer runs one step per execution.
+    spes = (1,) if keras.backend.backend() == "torch" else (1, data.batches)
     variants = [
         harness.fit_variant(spec, data, jit, spe)
         for jit in jits
-        for spe in (1, data.batches)
+        for spe in spes
         for spec in table
         if wanted(spec.name, jit, spe)
     ]
