@@ -313,6 +313,8 @@ def test_every_input_path_over_two_epochs(path, steps):
 )
 def test_steps_per_execution_and_jit_compile(path, steps, spe, jit):
     """Compiled execution settings of ours do not change the updates."""
+    if path not in PATHS:
+        pytest.skip(f"no plain-Keras oracle for {path} on {BACKEND}")
     check_path(path, steps, samples=22, batch=4, spe=spe, jit=jit)
 
 
