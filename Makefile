@@ -57,8 +57,8 @@ test-torch: .venv-torch/.installed
 test-matrix: test-floor test-newest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check accumulate tests benchmarks examples notebooks
-	$(VENV)/bin/ruff format --check accumulate tests benchmarks examples notebooks
+	$(VENV)/bin/ruff check accumulate tests benchmarks examples notebooks conftest.py
+	$(VENV)/bin/ruff format --check accumulate tests benchmarks examples notebooks conftest.py
 
 clean:
 	rm -rf $(VENV) .venv-floor .venv-newest .venv-jax .venv-torch .pytest_cache .ruff_cache .hypothesis
