@@ -7,23 +7,32 @@ DATA_DIR ?= $(abspath ../shared/data)
 export ACCUMULATE_DATA_DIR ?= $(DATA_DIR)
 PYTEST_ARGS ?= -q --timeout=900 --durations=15
 
-.PHONY: install test test-floor test-newest test-matrix lint notebook clean
+.PHONY: install test test-floor test-newest test-matrix test-jax test-torch lint notebook clean
 
 # A virtualenv with the package and its dev extra, pinned by a constraints
 # file: $(call virtualenv,<dir>,<constraints>) defines <dir>/.installed.
+# $(3) names extras besides dev (a variable: make splits call arguments at
+# commas).
 define virtualenv
 $(1)/.installed: pyproject.toml $(2)
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	$(1)/bin/python -m pip install --quiet -c $(2) -e '.[dev]'
+	$(1)/bin/python -m pip install --quiet -c $(2) -e '.[dev$(3)]'
 	touch $$@
 endef
+JAX_EXTRA := ,jax
+TORCH_EXTRA := ,torch
 
 # .venv is the everyday one: the newest versions, as is .venv-newest, which
 # exists so that the matrix never depends on what .venv happens to hold.
 $(eval $(call virtualenv,$(VENV),constraints/newest.txt))
 $(eval $(call virtualenv,.venv-newest,constraints/newest.txt))
 $(eval $(call virtualenv,.venv-floor,constraints/floor.txt))
+# One venv per other Keras backend: each suite runs in its own process with
+# KERAS_BACKEND fixed (TensorFlow stays installed there: it is a dependency,
+# and tf.data feeds every backend).
+$(eval $(call virtualenv,.venv-jax,constraints/newest.txt,$(JAX_EXTRA)))
+$(eval $(call virtualenv,.venv-torch,constraints/newest.txt,$(TORCH_EXTRA)))
 
 install: $(STAMP)
 
@@ -37,15 +46,22 @@ test-floor: .venv-floor/.installed
 test-newest: .venv-newest/.installed
 	.venv-newest/bin/python -m pytest $(PYTEST_ARGS)
 
+# The suite on JAX and on PyTorch; TensorFlow-only tests skip themselves.
+test-jax: .venv-jax/.installed
+	KERAS_BACKEND=jax .venv-jax/bin/python -m pytest $(PYTEST_ARGS)
+
+test-torch: .venv-torch/.installed
+	KERAS_BACKEND=torch .venv-torch/bin/python -m pytest $(PYTEST_ARGS)
+
 # Both ends of the supported range, one after the other (2 cores).
 test-matrix: test-floor test-newest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check accumulate tests benchmarks examples notebooks
-	$(VENV)/bin/ruff format --check accumulate tests benchmarks examples notebooks
+	$(VENV)/bin/ruff check accumulate tests benchmarks examples notebooks conftest.py
+	$(VENV)/bin/ruff format --check accumulate tests benchmarks examples notebooks conftest.py
 
 clean:
-	rm -rf $(VENV) .venv-floor .venv-newest .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-floor .venv-newest .venv-jax .venv-torch .pytest_cache .ruff_cache .hypothesis
 
 -include mk/*.mk
 

@@ -24,8 +24,9 @@ __all__ = [
 ]
 
 # The public names are loaded on first use (PEP 562) because they pull in
-# TensorFlow, which takes seconds and prints its start-up banner: `python -m
-# accumulate --help` and `import accumulate.paper.config` must not pay for it.
+# Keras and its backend (TensorFlow by default), which takes seconds and
+# prints a start-up banner: `python -m accumulate --help` and `import
+# accumulate.paper.config` must not pay for it.
 _LAZY = {
     "AccumulatingModel": "accumulate.model",
     "GradientAccumulator": "accumulate.accumulator",

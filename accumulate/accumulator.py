@@ -1,23 +1,13 @@
-"""The accumulation state: one window of sample-weighted gradient sums.
+"""The TensorFlow accumulation state: per-replica `tf.Variable` windows.
 
-This module holds the whole arithmetic of exact accumulation, split the way
-optax's ``MultiSteps`` splits it:
+The arithmetic (what a micro-batch adds, the window's mean, the noise-scale
+estimates) is `accumulate.window`'s and `accumulate.noise_scale`'s, shared
+with every backend. What is TensorFlow's own is where it lives, split the
+way optax's ``MultiSteps`` splits it:
 
 * ``GradientAccumulator(variables)`` creates the state (init),
 * ``add(gradients, weight)`` folds one micro-batch into it (update),
 * ``mean_gradients()`` and ``reset()`` are used when the window is applied.
-
-Why weights: Keras reduces a loss with ``sum_over_batch_size``, i.e. it divides
-the (sample-weighted) sum of per-sample losses by the number of samples ``b`` in
-the batch, and adds regularisation once per batch. For micro-batches ``k`` of a
-window holding ``B = sum(b_k)`` samples::
-
-    sum_k (b_k / B) * loss_k = (sum over all samples of w_i * l_i) / B + R
-
-which is exactly the loss of the window as one big batch. So each micro-batch's
-gradient is added multiplied by ``b_k`` and the window's gradient is the sum
-divided by ``B``. A ragged last batch of 96 samples then counts 96/60000 of an
-epoch, not 1/118 of it.
 
 The variables are plain ``tf.Variable``s (not Keras weights) so they never show
 up in ``model.weights``. Under a ``tf.distribute`` strategy they are created
@@ -31,16 +21,16 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-# Variable kinds of the state. Each replica keeps its own copy and nothing is
-# communicated on update: summed over replicas when read...
-PER_REPLICA_SUM = {
+from accumulate import noise_scale, window
+
+_PER_REPLICA = {
     "trainable": False,
     "synchronization": tf.VariableSynchronization.ON_READ,
     "aggregation": tf.VariableAggregation.SUM,
 }
 
-# ...or, for what every replica holds alike, read from the first.
-SAME_ON_EVERY_REPLICA = {
+
+_COUNTER = {
     "trainable": False,
     "synchronization": tf.VariableSynchronization.ON_READ,
     "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
@@ -52,10 +42,7 @@ def _do_nothing() -> None:
 
 
 def _accumulation_dtype(dtype: tf.DType | str) -> tf.DType:
-    # Half-precision sums of many micro-batches lose the small ones; keep
-    # float32 (or wider) whatever the variable's dtype.
-    dtype = tf.as_dtype(dtype)
-    return dtype if dtype.size >= 4 else tf.float32
+    return tf.as_dtype(window.accumulation_dtype(tf.as_dtype(dtype).name))
 
 
 class GradientAccumulator(tf.Module):
@@ -90,31 +77,26 @@ class GradientAccumulator(tf.Module):
                 tf.Variable(
                     tf.zeros(variable.shape, _accumulation_dtype(variable.dtype)),
                     name=f"gradient_sum_{index}",
-                    **PER_REPLICA_SUM,
+                    **_PER_REPLICA,
                 )
                 for index, variable in enumerate(variables)
             ]
             # float32 counts are exact up to 2**24 samples per window and
             # past that err by less than float32 gradients already do.
-            self.samples = tf.Variable(0.0, name="samples", **PER_REPLICA_SUM)
+            self.samples = tf.Variable(0.0, name="samples", **_PER_REPLICA)
             # Micro-batches in the window. Every replica is told the same
             # `counts`, so one replica's count is the global count.
-            self.steps = tf.Variable(
-                0, dtype=tf.int64, name="steps", **SAME_ON_EVERY_REPLICA
-            )
+            self.steps = tf.Variable(0, dtype=tf.int64, name="steps", **_COUNTER)
             # Not part of the window: how far into the epoch training is, so
             # that a run restored mid-epoch knows what it already holds.
             self.micro_batches_this_epoch = tf.Variable(
-                0,
-                dtype=tf.int64,
-                name="micro_batches_this_epoch",
-                **SAME_ON_EVERY_REPLICA,
+                0, dtype=tf.int64, name="micro_batches_this_epoch", **_COUNTER
             )
             # Micro-batches per window in effect, 0 for the whole epoch: read
             # in the graph, so a schedule changes it without retracing. Not
             # saved: it follows from the schedule and the epoch.
             self.window_size = tf.Variable(
-                window_size, dtype=tf.int64, name="window_size", **SAME_ON_EVERY_REPLICA
+                window_size, dtype=tf.int64, name="window_size", **_COUNTER
             )
         self.variable_dtypes = [tf.as_dtype(variable.dtype) for variable in variables]
         # The variables the window is for, kept out of checkpoint tracking
@@ -213,16 +195,7 @@ class GradientAccumulator(tf.Module):
             total_samples = self.samples.read_value()
         if gradient_sums is None:
             gradient_sums = self.gradient_sum_values()
-        means = []
-        for gradient_sum, dtype in zip(
-            gradient_sums, self.variable_dtypes, strict=True
-        ):
-            if gradient_sum is None:
-                means.append(None)
-                continue
-            mean = gradient_sum / tf.cast(total_samples, gradient_sum.dtype)
-            means.append(tf.cast(mean, dtype))
-        return means
+        return window.mean(gradient_sums, total_samples, self.variable_dtypes)
 
     def reset(self) -> None:
         """Empties the window."""
@@ -251,3 +224,107 @@ class GradientAccumulator(tf.Module):
             self.steps,
             self.micro_batches_this_epoch,
         ]
+
+
+_ON_FIRST_REPLICA = {
+    "trainable": False,
+    "synchronization": tf.VariableSynchronization.ON_READ,
+    "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
+}
+
+
+class NoiseScaleMeter(tf.Module):
+    """State of the noise-scale measurement (`noise_scale`): a window, an epoch.
+
+    * Per window (per replica, summed when the window is applied):
+      ``weighted_sq_norms`` (``S``) and ``micro_batches`` (``n``). Under
+      ``tf.distribute`` each replica's share of a micro-batch is a small batch
+      in its own right: it adds ``b_r |g_r|²`` and counts 1.
+    * Per epoch: the sums of the windows' estimates and how many windows
+      gave one (`noise_scale.epoch_logs` takes their ratio).
+
+    Example:
+        >>> import tensorflow as tf
+        >>> meter = NoiseScaleMeter()
+        >>> meter.add_micro_batch(tf.constant(0.0), weight=1.0)
+        >>> meter.add_micro_batch(tf.constant(16 / 9), weight=3.0)
+        >>> meter.end_window(window_sq_norm=1.0, samples=4.0)
+        >>> {k: round(v, 4) for k, v in meter.epoch_logs().items()}
+        {'gradient_sq_norm': 0.6667, 'gradient_variance': 1.3333, \
+'gradient_noise_scale': 2.0}
+    """
+
+    def __init__(self, name: str = "noise_scale"):
+        super().__init__(name=name)
+        with tf.name_scope(name):
+            self.weighted_sq_norms = tf.Variable(
+                0.0, name="weighted_sq_norms", **_PER_REPLICA
+            )
+            self.micro_batches = tf.Variable(0.0, name="micro_batches", **_PER_REPLICA)
+            self.epoch_sq_norm_sum = tf.Variable(
+                0.0, name="epoch_sq_norm_sum", **_ON_FIRST_REPLICA
+            )
+            self.epoch_variance_sum = tf.Variable(
+                0.0, name="epoch_variance_sum", **_ON_FIRST_REPLICA
+            )
+            self.epoch_windows = tf.Variable(
+                0.0, name="epoch_windows", **_ON_FIRST_REPLICA
+            )
+
+    @property
+    def _epoch_variables(self) -> tuple[tf.Variable, tf.Variable, tf.Variable]:
+        return self.epoch_sq_norm_sum, self.epoch_variance_sum, self.epoch_windows
+
+    def add_micro_batch(self, sq_norm: tf.Tensor, weight: tf.Tensor | float) -> None:
+        """Adds one micro-batch with mean gradient norm² ``sq_norm``."""
+        totals = noise_scale.add_micro_batch(
+            *self.window_totals(), tf.cast(sq_norm, tf.float32), weight
+        )
+        self.weighted_sq_norms.assign(totals[0])
+        self.micro_batches.assign(totals[1])
+
+    def window_totals(self) -> list[tf.Tensor]:
+        """This replica's ``[S, n]``, to be summed over replicas."""
+        return [self.weighted_sq_norms.read_value(), self.micro_batches.read_value()]
+
+    def end_window(
+        self,
+        window_sq_norm: tf.Tensor | float,
+        samples: tf.Tensor | float,
+        totals: Sequence[tf.Tensor] | None = None,
+    ) -> None:
+        """Adds the window's estimates to the epoch's (if ``n ≥ 2``) and resets.
+
+        ``totals`` are `window_totals` summed over replicas (default: this
+        replica's).
+        """
+        sums = noise_scale.end_window(
+            tuple(variable.read_value() for variable in self._epoch_variables),
+            *(totals or self.window_totals()),
+            window_sq_norm,
+            samples,
+        )
+        for variable, value in zip(self._epoch_variables, sums, strict=True):
+            variable.assign(value)
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        """Drops the window's totals (with the window itself)."""
+        self.weighted_sq_norms.assign(0.0)
+        self.micro_batches.assign(0.0)
+
+    @property
+    def variables_to_save(self) -> list[tf.Variable]:
+        """Every variable of the measurement, in a fixed order (checkpoints)."""
+        return [self.weighted_sq_norms, self.micro_batches, *self._epoch_variables]
+
+    def epoch_logs(self) -> dict[str, float]:
+        """The epoch's mean estimates and their ratio (NaN without a window)."""
+        return noise_scale.epoch_logs(
+            *(float(variable.numpy()) for variable in self._epoch_variables)
+        )
+
+    def start_epoch(self) -> None:
+        """Forgets the previous epoch's estimates."""
+        for variable in self._epoch_variables:
+            variable.assign(0.0)

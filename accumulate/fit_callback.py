@@ -97,20 +97,34 @@ def _skipping(model: keras.Model, train_function: Any, count: int) -> Any:
     """``train_function`` that first drops ``count`` micro-batches of data.
 
     Called once per Keras step, like the train function: while micro-batches
-    remain to skip it draws them from the iterator and returns the metrics
-    without training; then it puts the real function back.
+    remain to skip it takes them from what it is given and returns without
+    training; then it puts the real function back. Each backend's train
+    function has its own signature: TensorFlow's takes an iterator, JAX's
+    ``(state, iterator)`` and returns ``(logs, state)``, PyTorch's takes the
+    step's data, already drawn.
     """
     remaining = count
+    backend = keras.backend.backend()
 
-    def skip_then_train(iterator: Any) -> Any:
+    def skip_then_train(*args: Any) -> Any:
         nonlocal remaining
         if remaining <= 0:
-            return train_function(iterator)
-        for _ in range(min(remaining, model.steps_per_execution)):
-            iterator.get_next()
+            return train_function(*args)
+        if backend == "torch":
             remaining -= 1
+        else:
+            iterator = args[-1]
+            for _ in range(min(remaining, model.steps_per_execution)):
+                if backend == "jax":
+                    next(iterator)
+                else:
+                    iterator.get_next()
+                remaining -= 1
         if remaining == 0 and model.train_function is skip_then_train:
             model.train_function = train_function
+        if backend == "jax":
+            # The state passes through untouched; no metric moved.
+            return {}, args[0]
         return model.get_metrics_result()
 
     return skip_then_train

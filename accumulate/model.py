@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import numbers
 import sys
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
+from keras.src.backend import get_keras_mask
 from keras.src.models.functional import Functional
 
-from accumulate import distributed, noise_scale
-from accumulate.accumulator import GradientAccumulator
 from accumulate.fit_callback import with_epoch_boundaries
-from accumulate.noise_scale import NoiseScaleMeter
 from accumulate.schedule import EPOCH, AccumulationSchedule
 
 _STATE_KEY = "accumulation_state_"
@@ -23,18 +22,26 @@ _NOISE_STATE_KEY = "noise_scale_state_"
 # adds none, a subclass's own __init__ one each.
 _CLONE_FRAME_SEARCH_DEPTH = 6
 
+# One module of glue per backend, as Keras splits its trainers: chosen once,
+# when this module is imported, by the backend Keras runs on.
+_BACKEND_MODULES = {
+    "tensorflow": "accumulate.backends.tensorflow",
+    "jax": "accumulate.backends.jax",
+    "torch": "accumulate.backends.torch",
+}
 
-def _batch_size(x: Any) -> tf.Tensor:
-    first_input = next(t for t in tf.nest.flatten(x) if t is not None)
-    return tf.shape(first_input)[0]
+
+def _backend_module() -> Any:
+    name = keras.backend.backend()
+    if name not in _BACKEND_MODULES:
+        raise NotImplementedError(
+            f"AccumulatingModel runs on the {sorted(_BACKEND_MODULES)} Keras "
+            f"backends; KERAS_BACKEND is {name!r}."
+        )
+    return importlib.import_module(_BACKEND_MODULES[name])
 
 
-def _loss_scale(optimizer: Any) -> tf.Tensor | float | None:
-    """What ``optimizer.scale_loss`` multiplies the loss by, or ``None`` for 1."""
-    scale = optimizer.scale_loss(1.0)
-    if isinstance(scale, numbers.Number) and scale == 1.0:
-        return None
-    return scale
+_backend = _backend_module()
 
 
 def _is_functional_call(args: tuple, kwargs: dict) -> bool:
@@ -45,7 +52,7 @@ def _is_functional_call(args: tuple, kwargs: dict) -> bool:
     )
 
 
-class AccumulatingModel(keras.Model):
+class AccumulatingModel(_backend.Accumulation, keras.Model):
     """A `keras.Model` that applies one exact update per window of micro-batches.
 
     Every batch that `fit` (or `train_on_batch`) feeds the model is a
@@ -143,8 +150,10 @@ class AccumulatingModel(keras.Model):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self._accumulation: GradientAccumulator | None = None
-        self._noise_scale: NoiseScaleMeter | None = None
+        # The backend's window state (and noise-scale meter), made when the
+        # model's variables exist.
+        self._accumulation: Any = None
+        self._noise_scale: Any = None
         self._accumulated_variable_ids: list[int] = []
         self._apply_function = None
         self._epoch = 0
@@ -230,13 +239,44 @@ class AccumulatingModel(keras.Model):
         if self._noise_scale is not None:
             self._noise_scale.start_epoch()
 
-    def _write_window_size(self) -> None:
+    @property
+    def samples_accumulated(self) -> int:
+        """Samples in the current, not yet applied window (all replicas)."""
+        if self._accumulation is None:
+            return 0
+        return round(self._window_counts()[0])
+
+    @property
+    def steps_accumulated(self) -> int:
+        """Micro-batches in the current, not yet applied window."""
+        if self._accumulation is None:
+            return 0
+        return self._window_counts()[1]
+
+    def apply_accumulated_gradients(self) -> None:
+        """Applies the current window now, if it holds any micro-batch.
+
+        `fit` calls this at the end of each epoch unless
+        ``flush_at_epoch_end=False``; call it yourself after `train_on_batch`
+        in ``"epoch"`` mode, or to apply a carried-over partial window. The
+        window is applied with the optimizer the model has now (after a
+        `compile`, the new one) to the variables it was accumulated for,
+        even if ``trainable`` changed since.
+        """
         if self._accumulation is not None:
-            distributed.assign_total(
-                self._accumulation.window_size,
-                self._window_size_value(),
-                self.distribute_strategy,
-            )
+            self._apply_open_window()
+
+    def reset_accumulated_gradients(self) -> None:
+        """Discards the current window without applying it."""
+        if self._accumulation is not None:
+            self._reset_open_window()
+
+    def _loss_scale(self) -> Any:
+        """What ``optimizer.scale_loss`` multiplies the loss by, ``None`` for 1."""
+        scale = self.optimizer.scale_loss(1.0)
+        if isinstance(scale, numbers.Number) and scale == 1.0:
+            return None
+        return scale
 
     def _window_size_value(self) -> int:
         return 0 if self._window_size == EPOCH else self._window_size
@@ -246,69 +286,9 @@ class AccumulatingModel(keras.Model):
         """Whether an incomplete window is applied when an epoch ends."""
         return self._flush_at_epoch_end
 
-    @property
-    def samples_accumulated(self) -> int:
-        """Samples in the current, not yet applied window (all replicas)."""
-        if self._accumulation is None:
-            return 0
-        return round(float(self._accumulation.samples.numpy()))
-
-    @property
-    def steps_accumulated(self) -> int:
-        """Micro-batches in the current, not yet applied window."""
-        if self._accumulation is None:
-            return 0
-        return int(self._accumulation.steps.numpy())
-
-    # -- The train step ------------------------------------------------------
-
-    def train_step(self, data: Any) -> dict[str, Any]:
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            training = {"training": True} if self._call_has_training_arg else {}
-            y_pred = self(x, **training)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-            self._loss_tracker.update_state(
-                loss * replicas, sample_weight=_batch_size(x)
-            )
-            # Keras divides each replica's loss by the number of replicas;
-            # undo it so that every replica adds (samples x its own mean
-            # gradient) and the window divides by the samples of all replicas.
-            scaled_loss = self.optimizer.scale_loss(loss * replicas)
-        gradients = tape.gradient(scaled_loss, self.trainable_variables)
-        if self._accumulated_variable_ids != _ids(self.trainable_variables):
-            # Keras builds a model without a strategy while tracing: its
-            # variables exist only now. Create the state outside the graph
-            # (and only then: init_scope from a replica thread on every step
-            # corrupts steps where some replicas get an empty micro-batch).
-            with tf.init_scope():
-                self._build_accumulation_state()
-        state = self._accumulation
-        state.count_micro_batch(_batch_size(x))
-        weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
-        scale = _loss_scale(self.optimizer)
-        state.add(gradients, weight, gradient_scale=scale)
-        if self._noise_scale is not None:
-            self._measure_micro_batch(gradients, weight, scale)
-        distributed.cond_in_cross_replica_context(
-            state.window_is_complete(), self._apply_window, self.optimizer
-        )
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        if isinstance(
-            self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy
-        ):
-            # Keras 3.15 reduces multi-worker logs with
-            # strategy.reduce("MEAN", value, axis=0), which fails on scalars
-            # (for any Keras model): give them the axis it averages over.
-            logs = tf.nest.map_structure(lambda value: tf.reshape(value, [1]), logs)
-        return logs
-
     def micro_batch_weight(
         self, x: Any, y: Any, y_pred: Any, sample_weight: Any
-    ) -> tf.Tensor:
+    ) -> Any:
         """The weight of one micro-batch in its window: its loss's denominator.
 
         Keras's default loss reduction (``"sum_over_batch_size"``) divides
@@ -327,11 +307,9 @@ class AccumulatingModel(keras.Model):
         runs). Mixing masked and unmasked outputs raises a `ValueError`.
         """
         del y, sample_weight
-        masks = [
-            getattr(output, "_keras_mask", None) for output in tf.nest.flatten(y_pred)
-        ]
+        masks = [get_keras_mask(output) for output in keras.tree.flatten(y_pred)]
         if all(mask is None for mask in masks):
-            return _batch_size(x)
+            return _backend.batch_size(x)
         if any(mask is None for mask in masks):
             raise ValueError(
                 "Some of the model's outputs carry a Keras mask and some do "
@@ -340,94 +318,15 @@ class AccumulatingModel(keras.Model):
                 "accumulation exact. Override micro_batch_weight(), or give "
                 "every output the same mask."
             )
-        counts = [tf.reduce_sum(tf.cast(mask, tf.float32)) for mask in masks]
-        for count in counts[1:]:
-            tf.debugging.assert_equal(
-                count,
-                counts[0],
-                message=(
-                    "The model's masked outputs hold different numbers of "
-                    "unmasked entries in this micro-batch; their losses divide "
-                    "by different counts, so no single weight per micro-batch "
-                    "makes accumulation exact. Override micro_batch_weight()."
-                ),
-            )
-        return counts[0]
-
-    def _measure_micro_batch(
-        self, gradients: list[Any], weight: tf.Tensor, scale: Any
-    ) -> None:
-        def add() -> None:
-            squared_norm = noise_scale.squared_norm(gradients)
-            if scale is not None:
-                squared_norm = squared_norm / tf.square(tf.cast(scale, tf.float32))
-            self._noise_scale.add_micro_batch(squared_norm, weight)
-
-        tf.cond(tf.cast(weight, tf.float32) > 0.0, add, lambda: None)
-
-    def _apply_window(self) -> None:
-        """One optimizer update on the window's mean gradient, then reset."""
-        state = self._accumulation
-        meter = self._noise_scale
-        gradient_sums, (total_samples, *noise_totals) = distributed.all_reduce_window(
-            state.gradient_sum_values(),
-            [state.samples.read_value(), *(meter.window_totals() if meter else [])],
+        counts = [ops.sum(ops.cast(mask, "float32")) for mask in masks]
+        _backend.assert_equal_counts(
+            counts,
+            "The model's masked outputs hold different numbers of unmasked "
+            "entries in this micro-batch; their losses divide by different "
+            "counts, so no single weight per micro-batch makes accumulation "
+            "exact. Override micro_batch_weight().",
         )
-        gradients = state.mean_gradients(total_samples, gradient_sums)
-        if meter is not None:
-            meter.end_window(
-                noise_scale.squared_norm(gradients), total_samples, noise_totals
-            )
-        scale = _loss_scale(self.optimizer)
-        if scale is not None:
-            # The sums are unscaled; the optimizer unscales what it is given.
-            gradients = [
-                None if gradient is None else gradient * tf.cast(scale, gradient.dtype)
-                for gradient in gradients
-            ]
-        self.optimizer.apply(gradients, list(state.accumulated_variables))
-        state.reset()
-
-    # -- Applying and discarding windows by hand -------------------------------
-
-    def apply_accumulated_gradients(self) -> None:
-        """Applies the current window now, if it holds any micro-batch.
-
-        `fit` calls this at the end of each epoch unless
-        ``flush_at_epoch_end=False``; call it yourself after `train_on_batch`
-        in ``"epoch"`` mode, or to apply a carried-over partial window. The
-        window is applied with the optimizer the model has now (after a
-        `compile`, the new one) to the variables it was accumulated for,
-        even if ``trainable`` changed since.
-        """
-        state = self._accumulation
-        if state is None:
-            return
-        with self.distribute_strategy.scope():
-            if not self.optimizer.built:
-                self.optimizer.build(list(state.accumulated_variables))
-        if self._apply_function is None:
-
-            @tf.function
-            def apply_if_not_empty():
-                self.distribute_strategy.run(
-                    lambda: distributed.cond_in_cross_replica_context(
-                        self._accumulation.steps > 0,
-                        self._apply_window,
-                        self.optimizer,
-                    )
-                )
-
-            self._apply_function = apply_if_not_empty
-        self._apply_function()
-
-    def reset_accumulated_gradients(self) -> None:
-        """Discards the current window without applying it."""
-        if self._accumulation is not None:
-            with self.distribute_strategy.scope():
-                self.distribute_strategy.run(self._accumulation.reset)
-                if self._noise_scale is not None:
-                    self.distribute_strategy.run(self._noise_scale.reset_window)
+        return counts[0]
 
     # -- Keras integration -------------------------------------------------------
 
@@ -467,63 +366,7 @@ class AccumulatingModel(keras.Model):
         finally:
             self._fitting = False
 
-    def make_train_function(self, force: bool = False):
-        if self.built:
-            self._build_accumulation_state()
-        return super().make_train_function(force)
-
-    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None):
-        strategy = self._distribute_strategy
-        if (
-            isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and iterator is not None
-            and data_batch is None
-        ):
-            # Keras 3.15 reduces the first distributed batch with
-            # strategy.reduce("MEAN", batch), which fails under multi-worker
-            # for any Keras model; the build only needs shapes and dtypes.
-            with strategy.scope():
-                self._symbolic_build(
-                    data_batch=distributed.first_replica_batch(iterator, strategy)
-                )
-            return
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-    def _build_accumulation_state(self) -> None:
-        variable_ids = _ids(self.trainable_variables)
-        with self.distribute_strategy.scope():
-            if self.optimizer is not None and not self.optimizer.built:
-                self.optimizer.build(self.trainable_variables)
-            if self._accumulation is not None:
-                if variable_ids == self._accumulated_variable_ids:
-                    return
-                if self.steps_accumulated:
-                    raise ValueError(
-                        "The model's trainable variables changed while "
-                        f"{self.steps_accumulated} micro-batches were "
-                        "accumulated for the previous ones. Apply them to the "
-                        "variables they were accumulated for "
-                        "(model.apply_accumulated_gradients()) or discard them "
-                        "(model.reset_accumulated_gradients()), then train on."
-                    )
-                self.train_function = None
-                self._apply_function = None
-            self._accumulation = GradientAccumulator(
-                self.trainable_variables, window_size=self._window_size_value()
-            )
-            if self._measure_noise_scale:
-                self._noise_scale = NoiseScaleMeter()
-        self._accumulated_variable_ids = variable_ids
-
     # -- Serialisation -------------------------------------------------------------
-
-    def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any):
-        # As Keras does for train_function: a SavedModel must not trace the
-        # apply function (it would try to save its gradients).
-        children = super()._trackable_children(save_type, **kwargs)
-        if save_type == "savedmodel":
-            children.pop("_apply_function", None)
-        return children
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -572,13 +415,9 @@ class AccumulatingModel(keras.Model):
                 )
             for index, variable in enumerate(variables):
                 # np.asarray: keras 3.10's H5 store hands back h5py datasets.
-                distributed.assign_total(
-                    variable,
-                    np.asarray(store[f"{prefix}{index}"]),
-                    self.distribute_strategy,
-                )
+                self._assign_saved(variable, np.asarray(store[f"{prefix}{index}"]))
 
-    def _state_to_save(self) -> dict[str, list[tf.Variable]]:
+    def _state_to_save(self) -> dict[str, list[Any]]:
         state = {}
         if self._accumulation is not None:
             state[_STATE_KEY] = self._accumulation.variables_to_save
@@ -622,7 +461,3 @@ def _model_being_cloned() -> AccumulatingModel | None:
             return original if isinstance(original, AccumulatingModel) else None
         frame = frame.f_back
     return None
-
-
-def _ids(variables: list[Any]) -> list[int]:
-    return [id(variable) for variable in variables]

@@ -42,22 +42,31 @@ Assumptions, and what breaks them:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
-import tensorflow as tf
+from keras import ops
 
-from accumulate.accumulator import PER_REPLICA_SUM, SAME_ON_EVERY_REPLICA
+from accumulate.window import squared_norm
+
+__all__ = [
+    "LOG_KEYS",
+    "add_micro_batch",
+    "end_window",
+    "epoch_logs",
+    "squared_norm",
+    "window_estimates",
+]
 
 #: The per-epoch log entries, in the order they are reported.
 LOG_KEYS = ("gradient_sq_norm", "gradient_variance", "gradient_noise_scale")
 
 
 def window_estimates(
-    weighted_sq_norms: tf.Tensor,
-    micro_batches: tf.Tensor,
-    window_sq_norm: tf.Tensor,
-    samples: tf.Tensor,
-) -> tuple[tf.Tensor, tf.Tensor]:
+    weighted_sq_norms: Any,
+    micro_batches: Any,
+    window_sq_norm: Any,
+    samples: Any,
+) -> tuple[Any, Any]:
     """Unbiased ``(|G|², tr(Σ))`` from one window (see the module docstring).
 
     Args:
@@ -78,124 +87,63 @@ def window_estimates(
     return (total - variance) / samples, variance
 
 
-def squared_norm(gradients: Sequence[tf.Tensor | None]) -> tf.Tensor:
-    """``Σ |g|²`` over every gradient, in float32."""
-    return tf.add_n(
-        [
-            tf.reduce_sum(tf.square(tf.cast(gradient, tf.float32)))
-            for gradient in gradients
-            if gradient is not None
-        ]
-        or [tf.constant(0.0)]
+def add_micro_batch(
+    weighted_sq_norms: Any, micro_batches: Any, sq_norm: Any, weight: Any
+) -> tuple[Any, Any]:
+    """``(S, n)`` with one micro-batch of mean gradient norm² ``sq_norm`` added.
+
+    A micro-batch of weight 0 adds nothing (selected, not multiplied: its
+    gradient may be NaN).
+    """
+    weight = ops.cast(weight, "float32")
+    counts = weight > 0.0
+    return (
+        ops.where(counts, weighted_sq_norms + weight * sq_norm, weighted_sq_norms),
+        micro_batches + ops.cast(counts, "float32"),
     )
 
 
-class NoiseScaleMeter(tf.Module):
-    """State of the noise-scale measurement: one window, and one epoch.
+def end_window(
+    epoch_sums: tuple[Any, Any, Any],
+    weighted_sq_norms: Any,
+    micro_batches: Any,
+    window_sq_norm: Any,
+    samples: Any,
+) -> tuple[Any, Any, Any]:
+    """The epoch's sums ``(Σ|G|², Σtr(Σ), windows)`` with one window's estimates.
 
-    * Per window (per replica, summed when the window is applied):
-      ``weighted_sq_norms`` (``S``) and ``micro_batches`` (``n``). Under
-      ``tf.distribute`` each replica's share of a micro-batch is a small batch
-      in its own right: it adds ``b_r |g_r|²`` and counts 1.
-    * Per epoch: the sums of the windows' estimates and how many windows
-      gave one. The epoch's noise scale is the ratio of the mean estimates,
-      not the mean of per-window ratios (a ratio of noisy estimates is
-      biased and heavy-tailed).
+    A window of fewer than 2 micro-batches gives no estimate and adds nothing.
+    Looked up through this module at call time, so a test can replace
+    `window_estimates` and see the effect on every backend.
+    """
+    sq_norm, variance = window_estimates(
+        weighted_sq_norms,
+        micro_batches,
+        ops.cast(window_sq_norm, "float32"),
+        ops.cast(samples, "float32"),
+    )
+    measured = micro_batches >= 2.0
+    sq_norm_sum, variance_sum, windows = epoch_sums
+    return (
+        ops.where(measured, sq_norm_sum + sq_norm, sq_norm_sum),
+        ops.where(measured, variance_sum + variance, variance_sum),
+        windows + ops.cast(measured, "float32"),
+    )
+
+
+def epoch_logs(sq_norm_sum: float, variance_sum: float, windows: float) -> dict:
+    """The epoch's mean estimates and their ratio (NaN without a window).
+
+    The ratio of the mean estimates, not the mean of per-window ratios: a
+    ratio of noisy estimates is biased and heavy-tailed.
 
     Example:
-        >>> import tensorflow as tf
-        >>> meter = NoiseScaleMeter()
-        >>> meter.add_micro_batch(tf.constant(0.0), weight=1.0)
-        >>> meter.add_micro_batch(tf.constant(16 / 9), weight=3.0)
-        >>> meter.end_window(window_sq_norm=1.0, samples=4.0)
-        >>> {k: round(v, 4) for k, v in meter.epoch_logs().items()}
-        {'gradient_sq_norm': 0.6667, 'gradient_variance': 1.3333, \
-'gradient_noise_scale': 2.0}
+        >>> epoch_logs(4.0, 6.0, 2.0)["gradient_noise_scale"]
+        1.5
     """
-
-    def __init__(self, name: str = "noise_scale"):
-        super().__init__(name=name)
-        with tf.name_scope(name):
-            self.weighted_sq_norms = tf.Variable(
-                0.0, name="weighted_sq_norms", **PER_REPLICA_SUM
-            )
-            self.micro_batches = tf.Variable(
-                0.0, name="micro_batches", **PER_REPLICA_SUM
-            )
-            self.epoch_sq_norm_sum = tf.Variable(
-                0.0, name="epoch_sq_norm_sum", **SAME_ON_EVERY_REPLICA
-            )
-            self.epoch_variance_sum = tf.Variable(
-                0.0, name="epoch_variance_sum", **SAME_ON_EVERY_REPLICA
-            )
-            self.epoch_windows = tf.Variable(
-                0.0, name="epoch_windows", **SAME_ON_EVERY_REPLICA
-            )
-
-    def add_micro_batch(self, sq_norm: tf.Tensor, weight: tf.Tensor | float) -> None:
-        """Adds one (non-empty) micro-batch with mean gradient norm² ``sq_norm``."""
-        self.weighted_sq_norms.assign_add(tf.cast(weight, tf.float32) * sq_norm)
-        self.micro_batches.assign_add(1.0)
-
-    def window_totals(self) -> list[tf.Tensor]:
-        """This replica's ``[S, n]``, to be summed over replicas."""
-        return [self.weighted_sq_norms.read_value(), self.micro_batches.read_value()]
-
-    def end_window(
-        self,
-        window_sq_norm: tf.Tensor | float,
-        samples: tf.Tensor | float,
-        totals: Sequence[tf.Tensor] | None = None,
-    ) -> None:
-        """Adds the window's estimates to the epoch's (if ``n ≥ 2``) and resets.
-
-        ``totals`` are `window_totals` summed over replicas (default: this
-        replica's).
-        """
-        weighted_sq_norms, micro_batches = totals or self.window_totals()
-        sq_norm, variance = window_estimates(
-            weighted_sq_norms,
-            micro_batches,
-            tf.cast(window_sq_norm, tf.float32),
-            tf.cast(samples, tf.float32),
-        )
-        measured = micro_batches >= 2.0
-        self.epoch_sq_norm_sum.assign_add(tf.where(measured, sq_norm, 0.0))
-        self.epoch_variance_sum.assign_add(tf.where(measured, variance, 0.0))
-        self.epoch_windows.assign_add(tf.cast(measured, tf.float32))
-        self.reset_window()
-
-    def reset_window(self) -> None:
-        """Drops the window's totals (with the window itself)."""
-        self.weighted_sq_norms.assign(0.0)
-        self.micro_batches.assign(0.0)
-
-    @property
-    def variables_to_save(self) -> list[tf.Variable]:
-        """Every variable of the measurement, in a fixed order (checkpoints)."""
-        return [
-            self.weighted_sq_norms,
-            self.micro_batches,
-            self.epoch_sq_norm_sum,
-            self.epoch_variance_sum,
-            self.epoch_windows,
-        ]
-
-    def epoch_logs(self) -> dict[str, float]:
-        """The epoch's mean estimates and their ratio (NaN without a window)."""
-        windows = float(self.epoch_windows.numpy())
-        if windows == 0:
-            return dict.fromkeys(LOG_KEYS, float("nan"))
-        sq_norm = float(self.epoch_sq_norm_sum.numpy()) / windows
-        variance = float(self.epoch_variance_sum.numpy()) / windows
-        noise_scale = variance / sq_norm if sq_norm > 0 else float("inf")
-        return dict(zip(LOG_KEYS, (sq_norm, variance, noise_scale), strict=True))
-
-    def start_epoch(self) -> None:
-        """Forgets the previous epoch's estimates."""
-        for variable in (
-            self.epoch_sq_norm_sum,
-            self.epoch_variance_sum,
-            self.epoch_windows,
-        ):
-            variable.assign(0.0)
+    if windows == 0:
+        return dict.fromkeys(LOG_KEYS, float("nan"))
+    sq_norm = sq_norm_sum / windows
+    variance = variance_sum / windows
+    noise_scale = variance / sq_norm if sq_norm > 0 else float("inf")
+    return dict(zip(LOG_KEYS, (sq_norm, variance, noise_scale), strict=True))

@@ -376,6 +376,7 @@ def rows(variants: Sequence[Variant], num_samples: int) -> list[dict[str, Any]]:
         median = float(np.median(v.epoch_seconds))
         state = getattr(v.model, "_accumulation", None)
         row = {"key": v.key, "name": spec.name, "family": spec.family}
+        row["backend"] = keras.backend.backend()
         row |= {name: getattr(v, name) for name in Variant.REPORTED}
         row["accumulation_steps"] = (spec.model or {}).get(
             "accumulation_steps", spec.optimizer.get("gradient_accumulation_steps")
@@ -401,7 +402,8 @@ def rows(variants: Sequence[Variant], num_samples: int) -> list[dict[str, Any]]:
 
 # Every column a table may show: header -> (row key, format).
 COLUMNS = {
-    "variant": ("key", "{}"), "name": ("name", "{}"), "width": ("width", "{}"),
+    "variant": ("key", "{}"), "backend": ("backend", "{}"), "name": ("name", "{}"),
+    "width": ("width", "{}"),
     "params": ("parameters", "{:,}"), "s/epoch": ("median_s", "{:.3f}"),
     "min s": ("min_s", "{:.3f}"), "CPU s": ("cpu_median_s", "{:.3f}"),
     "samples/s": ("samples_per_s", "{:,.0f}"), "x fit": ("ratio_to_fit", "{:.3f}x"),

@@ -17,7 +17,7 @@ FRESH = $(REPRODUCE) --out $(RUNS) --reference $(REFERENCE) $(FORCE) $(ARGS)
 # --reference is --out here, so the reference reports compare with nothing.
 REGENERATE = $(REPRODUCE) --out $(REFERENCE) --reference $(REFERENCE) --force
 
-.PHONY: reproduce reproduce-seeds reproduce-adam report reference
+.PHONY: reproduce reproduce-seeds reproduce-adam reproduce-jax report reference
 
 # The notebook's experiment: both datasets, 200 epochs, seed 42, SGD(0.01).
 reproduce: $(STAMP)
@@ -27,6 +27,13 @@ reproduce: $(STAMP)
 # reused if `make reproduce` already ran).
 reproduce-seeds: $(STAMP)
 	$(FRESH) --epochs 200 --seeds 42 1 2 3 4
+
+# The notebook's MNIST experiment on JAX (its own venv), judged against the
+# TensorFlow reference's band over seeds: writes band.md and band.png.
+reproduce-jax: .venv-jax/.installed
+	.venv-jax/bin/python -m accumulate reproduce --backend jax --dataset mnist \
+		--epochs 200 --seeds 42 --jobs 1 --out $(RUNS)/jax --reference $(REFERENCE)/jax $(FORCE)
+	.venv-jax/bin/python -m accumulate.paper.backend_band $(RUNS)/jax/mnist $(REFERENCE)/mnist
 
 # What the notebook's text says it used, Adam(0.01), for the optimizer check.
 reproduce-adam: $(STAMP)

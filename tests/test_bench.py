@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import BACKEND
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO_ROOT / "benchmarks"
 
@@ -27,7 +29,9 @@ def _run(script: str, out: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         env=environment,
         cwd=REPO_ROOT,
-        timeout=120,
+        # JAX compiles each of the dozen variants's step: minutes on a busy
+        # 2-core machine (the first JAX run timed out at 120 s).
+        timeout=120 if BACKEND == "tensorflow" else 480,
         check=False,
     )
     assert completed.returncode == 0, (
@@ -57,20 +61,25 @@ def test_bench_writes_json_and_png(bench_output: Path) -> None:
     assert report["meta"]["quick"] is True
     assert report["meta"]["threads"] == 1
 
+    # The floor and the notebook's loops are TensorFlow code: only there.
+    on_tensorflow = BACKEND == "tensorflow"
     families = {row["family"] for row in report["results"]}
-    assert families == {"keras-fit", "accumulating", "keras-ga", "floor", "notebook"}
+    tensorflow_families = {"floor", "notebook"} if on_tensorflow else set()
+    assert families == {"keras-fit", "accumulating", "keras-ga", *tensorflow_families}
+    assert {row["backend"] for row in report["results"]} == {BACKEND}
     for row in report["results"]:
         assert len(row["epoch_seconds"]) == report["meta"]["timed_epochs"]
         assert row["median_s"] > 0
         assert row["samples_per_s"] > 0
         assert row["peak_rss_mb"] > 0
         assert len(row["epoch_cpu_seconds"]) == report["meta"]["timed_epochs"]
-        for ratio in ("ratio_to_fit", "cpu_ratio_to_fit", "ratio_to_floor"):
+        ratios = ("ratio_to_fit", "cpu_ratio_to_fit")
+        for ratio in (*ratios, "ratio_to_floor") if on_tensorflow else ratios:
             assert row[ratio] is not None and row[ratio] > 0
     keys = {row["key"] for row in report["results"]}
     assert "fit [jit=off spe=1]" in keys
     assert "acc-epoch [jit=off spe=1]" in keys
-    assert "notebook-accumulating [eager]" in keys
+    assert ("notebook-accumulating [eager]" in keys) == on_tensorflow
     fit = next(row for row in report["results"] if row["key"] == "fit [jit=off spe=1]")
     assert fit["ratio_to_fit"] == pytest.approx(1.0)
     assert fit["cpu_ratio_to_fit"] == pytest.approx(1.0)

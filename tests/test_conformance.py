@@ -34,6 +34,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from accumulate import AccumulatingModel, make_twins
+from tests.conftest import BACKEND, STEPS_PER_EXECUTION
 from tests.oracle import max_difference, random_data
 
 FEATURES, CLASSES = 4, 3
@@ -226,6 +227,12 @@ def fit_oracle(path, oracle, x, y, weights, window, epochs):
     return oracle.fit(x, y, shuffle=False, **common)
 
 
+# Plain Keras `fit` through a PyDataset with worker threads gives other
+# weights than through numpy arrays on JAX and PyTorch (measured: 0.028 after
+# two epochs, same batches, shuffle=False), so there is no plain oracle for
+# that path off TensorFlow.
+_NO_ORACLE_OFF_TENSORFLOW = ("py_dataset_workers_2",)
+
 PATHS = (
     "numpy",
     "tf_data",
@@ -239,6 +246,11 @@ PATHS = (
     "class_weight",
     "sample_weight",
     "shuffle",
+)
+PATHS = tuple(
+    path
+    for path in PATHS
+    if BACKEND == "tensorflow" or path not in _NO_ORACLE_OFF_TENSORFLOW
 )
 
 
@@ -291,6 +303,8 @@ def test_every_input_path_over_two_epochs(path, steps):
 )
 def test_steps_per_execution_and_jit_compile(path, steps, spe, jit):
     """Compiled execution settings of ours do not change the updates."""
+    if path not in PATHS:
+        pytest.skip(f"no plain-Keras oracle for {path} on {BACKEND}")
     check_path(path, steps, samples=22, batch=4, spe=spe, jit=jit)
 
 
@@ -305,7 +319,7 @@ def _non_dividing(batches: int) -> int:
 @given(
     path=st.sampled_from(PATHS),
     steps_kind=st.sampled_from(["one", "dividing", "non_dividing", "epoch"]),
-    spe=st.sampled_from([1, 3]),
+    spe=st.sampled_from(STEPS_PER_EXECUTION),
     jit=st.booleans(),
     batches=st.integers(2, 6),
     batch=st.integers(2, 5),
@@ -341,6 +355,7 @@ class OrderRecorder(keras.Model):
         return {"samples": tf.constant(float(len(self.seen)))}
 
 
+@pytest.mark.tensorflow_only  # OrderRecorder's train_step has TF's signature
 def test_shuffled_permutation_does_not_depend_on_batch_size():
     """Why the "shuffle" path may use a shuffled plain fit as its oracle.
 
@@ -473,6 +488,12 @@ def _frozen_oracle(ours):
 
 
 @pytest.mark.parametrize("remedy", ["apply", "reset"])
+@pytest.mark.skipif(
+    BACKEND == "jax",
+    reason="On JAX a plain Keras model cannot fit after `trainable` changes "
+    "without compile(): its stateless optimizer applies to the variables it "
+    "was built with (the same ValueError as ours)",
+)
 def test_trainable_toggled_mid_window_both_remedies_work(remedy):
     """Defect 7: the error's remedies work, and the next fit trains.
 
@@ -564,6 +585,7 @@ def test_clone_model_keeps_the_options_and_trains_with_them():
     assert epoch_clone.accumulation_steps == "epoch"
 
 
+@pytest.mark.tensorflow_only
 def test_saved_model_and_export_after_updates_serve_the_predictions(tmp_path):
     """Defect 6: tf.saved_model.save and model.export work after an apply."""
     _, ours = twins(2, "adam", flush=False)
@@ -898,6 +920,7 @@ def _bag_of_tokens(model_class, **kwargs):
     return model_class(inputs, outputs, **kwargs)
 
 
+@pytest.mark.tensorflow_only
 def test_sparse_embedding_gradients_with_duplicate_rows():
     """IndexedSlices with repeated tokens: ours equals densified plain Keras.
 

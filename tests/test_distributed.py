@@ -26,6 +26,9 @@ ROOT = HERE.parent.parent
 # than on one device; a few ulps of the weights (~0.1-1) is the expected gap.
 FLOAT32_TOLERANCE = 1e-6
 WORKER_TIMEOUT = 240  # seconds, per interpreter
+# tf.distribute is TensorFlow's: JAX's distribution is tested in
+# test_jax_distribution.py.
+pytestmark = pytest.mark.tensorflow_only
 
 
 # -- The worker (runs in its own interpreter) --------------------------------

@@ -285,6 +285,7 @@ def test_jit_compile_and_steps_per_execution(jit_compile, steps_per_execution):
     assert_same_weights(standard, accumulating)
 
 
+@pytest.mark.several_steps_per_execution
 def test_epoch_mode_with_jit_and_whole_epoch_per_execution():
     settings = {"jit_compile": True, "steps_per_execution": 100}
     standard, accumulating = compiled_twins(
@@ -336,6 +337,7 @@ def test_weights_file_restores_the_window(tmp_path):
     assert max_difference(accumulating, other) == 0.0
 
 
+@pytest.mark.tensorflow_only
 def test_tf_checkpoint_tracks_the_window(tmp_path):
     _, accumulating = compiled_twins("sgd", accumulation_steps=3)
     x, y, _ = data(5, seed=14)

@@ -43,6 +43,7 @@ REFERENCE_RUNS = Path("results")
 # TensorFlow's C++ start-up lines (CPU features, XLA, oneDNN) say nothing
 # about the reproduction; a user who wants them sets the variable.
 _QUIET_TENSORFLOW = ("TF_CPP_MIN_LOG_LEVEL", "3")
+_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def _positive_int(text: str) -> int:
@@ -173,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     reproduce.add_argument(
+        "--backend",
+        choices=_BACKENDS,
+        default=None,
+        help="Keras backend to train on (default: $KERAS_BACKEND, else "
+        "tensorflow); jax and torch need the accumulate[jax] / [torch] extras",
+    )
+    reproduce.add_argument(
         "--force", action="store_true", help="re-run even if a result file exists"
     )
     reproduce.set_defaults(handler=_reproduce)
@@ -228,7 +236,23 @@ def _print_progress(event: EpochEnd) -> None:
     print(format_progress(event), flush=True)
 
 
+def _select_backend(backend: str | None) -> None:
+    """Sets KERAS_BACKEND for this process and the runs it starts.
+
+    Keras reads it once, on import: this runs before anything imports Keras
+    (the command line imports its heavy modules per command).
+    """
+    if backend is None:
+        return
+    if "keras" in sys.modules and sys.modules["keras"].backend.backend() != backend:
+        raise SystemExit(
+            f"--backend {backend}: Keras is already loaded with another backend"
+        )
+    os.environ["KERAS_BACKEND"] = backend
+
+
 def _reproduce(args: argparse.Namespace) -> int:
+    _select_backend(args.backend)
     from accumulate.paper.experiment import ResultConflictError, run_all
     from accumulate.paper.report import build_report
 

@@ -110,6 +110,7 @@ def _environment() -> dict[str, Any]:
             "accumulate": accumulate.__version__,
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
+            "keras_backend": keras.backend.backend(),
             "numpy": np.__version__,
             "python": platform.python_version(),
         },

@@ -51,6 +51,19 @@ __all__ = [
 # each twin's result records what it actually used.
 JIT_COMPILE = True
 
+
+def _execution_settings(batches_per_epoch: int) -> dict[str, Any]:
+    """A whole epoch per execution under XLA, where the backend has both.
+
+    Keras's PyTorch trainer runs one step per execution and its
+    ``jit_compile`` means torch.compile (not XLA), so there the twins train
+    eagerly, one batch per call.
+    """
+    if keras.backend.backend() == "torch":
+        return {"steps_per_execution": 1, "jit_compile": False}
+    return {"steps_per_execution": batches_per_epoch, "jit_compile": JIT_COMPILE}
+
+
 _HISTORY_KEYS = {
     "loss": "train_loss",
     "accuracy": "train_accuracy",
@@ -144,8 +157,7 @@ def train_twin(
         optimizer=make_optimizer(config),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        steps_per_execution=data.batches_per_epoch,
-        jit_compile=JIT_COMPILE,
+        **_execution_settings(data.batches_per_epoch),
     )
     recorder = EpochProgressCallback(
         config.label, model_name, config.epochs, epochs_after, progress
@@ -160,7 +172,8 @@ def train_twin(
         verbose=0,
     )
     seconds = time.perf_counter() - start
-    logits = model(data.test_images, training=False)
+    # To NumPy through Keras: a torch output still carries autograd.
+    logits = keras.ops.convert_to_numpy(model(data.test_images, training=False))
     result: dict[str, Any] = {
         ours: [float(value) for value in history.history[keras_key]]
         for keras_key, ours in _HISTORY_KEYS.items()

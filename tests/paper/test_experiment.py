@@ -224,6 +224,7 @@ def test_speed_settings_do_not_change_the_numbers(tiny_run, tiny_data_dir):
         np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.tensorflow_only  # its oracle is a tf.GradientTape loop
 def test_accumulating_twin_is_full_batch_gradient_descent(tiny_run, tiny_data_dir):
     """Ragged batches included (300 = 4 x 64 + 44), each epoch is one exact step."""
     result, _ = tiny_run

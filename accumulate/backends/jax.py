@@ -1,0 +1,171 @@
+"""JAX glue: the accumulating train step as Keras's stateless JAX step.
+
+Keras's JAX trainer jits ``train_step(state, data) -> (logs, state)``, with
+``state = (trainable, non_trainable, optimizer, metrics)`` values. The
+window's variables are among the model's non-trainable variables
+(`accumulate.backends.variables`), so their values arrive in
+``state[1]``; the step folds the micro-batch in with `accumulate.window`,
+and a `jax.lax.cond` applies the optimizer (``stateless_apply``) when the
+window is complete. Nothing leaves the compiled step: no host sync per
+micro-batch.
+
+Outside the jitted step (epoch-end flush, `apply_accumulated_gradients`)
+the window is applied eagerly to the variables; Keras's JAX `fit` writes its
+state back to the variables before validation and ``on_epoch_end``, and
+reads them again when the next epoch starts, so those applies are seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import keras
+from keras import ops
+
+from accumulate import noise_scale, window
+from accumulate.backends.variables import VariableAccumulation
+
+
+def batch_size(x: Any) -> Any:
+    """The micro-batch's number of samples (static under `jax.jit`)."""
+    first_input = next(t for t in keras.tree.flatten(x) if t is not None)
+    return first_input.shape[0]
+
+
+def assert_equal_counts(counts: list[Any], message: str) -> None:
+    """Masked outputs' counts cannot be asserted inside `jax.jit`: documented."""
+    del counts, message
+
+
+class Accumulation(VariableAccumulation):
+    """The JAX half of `AccumulatingModel` (mixed in before keras.Model)."""
+
+    def _sync_state(self) -> None:
+        # Inside fit the latest values live in the trainer's state, not in
+        # the variables; Keras's public sync writes them back.
+        self.jax_state_sync()
+
+    def _loss_and_weight(
+        self,
+        trainable_variables: list[Any],
+        non_trainable_variables: list[Any],
+        metrics_variables: list[Any],
+        optimizer_variables: list[Any],
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+    ) -> tuple[Any, tuple]:
+        # Keras's own loss, plus the micro-batch's weight, which needs y_pred
+        # while its Keras mask is still attached (inside the traced call).
+        loss, aux = self.compute_loss_and_updates(
+            trainable_variables,
+            non_trainable_variables,
+            metrics_variables,
+            x,
+            y,
+            sample_weight,
+            training=True,
+            optimizer_variables=optimizer_variables,
+        )
+        unscaled_loss, y_pred, non_trainable_variables, metrics_variables = aux
+        weight = ops.cast(
+            self.micro_batch_weight(x, y, y_pred, sample_weight), "float32"
+        )
+        return loss, (
+            unscaled_loss,
+            y_pred,
+            non_trainable_variables,
+            metrics_variables,
+            weight,
+        )
+
+    def _stateless_loss_scale(self, optimizer_variables: list[Any]) -> Any:
+        mapping = list(zip(self.optimizer.variables, optimizer_variables, strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            return self._loss_scale()
+
+    def train_step(self, state: tuple, data: Any) -> tuple[dict, tuple]:
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        gradient_function = jax.value_and_grad(self._loss_and_weight, has_aux=True)
+        (_, aux), gradients = gradient_function(
+            trainable,
+            non_trainable,
+            metrics_values,
+            optimizer_values,
+            x,
+            y,
+            sample_weight,
+        )
+        unscaled_loss, y_pred, non_trainable, metrics_values, weight = aux
+
+        # The window's values, by their place among the non-trainable ones.
+        position = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
+        places = [position[id(v)] for v in self._state_variables()]
+        values = [non_trainable[place] for place in places]
+        count = len(self._accumulation.gradient_sums)
+        sums, (samples, steps, this_epoch, size), noise = (
+            values[:count],
+            values[count : count + 4],
+            values[count + 4 :],
+        )
+
+        scale = self._stateless_loss_scale(optimizer_values)
+        this_epoch = this_epoch + 1
+        sums, samples, steps = window.add(
+            sums, samples, steps, gradients, weight, gradient_scale=scale
+        )
+        if noise:
+            sq_norm = window.squared_norm(gradients)
+            if scale is not None:
+                sq_norm = sq_norm / ops.square(ops.cast(scale, "float32"))
+            noise[:2] = noise_scale.add_micro_batch(*noise[:2], sq_norm, weight)
+
+        def apply_window(operands: tuple) -> tuple:
+            trainable, optimizer_values, sums, samples, steps, noise = operands
+            mean = window.mean(sums, samples, self._accumulation.variable_dtypes)
+            if noise:
+                noise = [
+                    ops.zeros_like(noise[0]),
+                    ops.zeros_like(noise[1]),
+                    *noise_scale.end_window(
+                        tuple(noise[2:]),
+                        noise[0],
+                        noise[1],
+                        window.squared_norm(mean),
+                        samples,
+                    ),
+                ]
+            trainable, optimizer_values = self.optimizer.stateless_apply(
+                optimizer_values, window.scaled(mean, scale), trainable
+            )
+            empty = [ops.zeros_like(gradient_sum) for gradient_sum in sums]
+            return (
+                trainable,
+                optimizer_values,
+                empty,
+                ops.zeros_like(samples),
+                ops.zeros_like(steps),
+                noise,
+            )
+
+        def keep_window(operands: tuple) -> tuple:
+            return operands
+
+        trainable, optimizer_values, sums, samples, steps, noise = jax.lax.cond(
+            window.is_complete(steps, size),
+            apply_window,
+            keep_window,
+            (list(trainable), list(optimizer_values), sums, samples, steps, noise),
+        )
+        non_trainable = list(non_trainable)
+        new_values = [*sums, samples, steps, this_epoch, size, *noise]
+        for place, value in zip(places, new_values, strict=True):
+            non_trainable[place] = value
+
+        # Keras's metric update for its JAX step (keras 3.10 to 3.15).
+        logs, metrics_values = self._update_metrics_variables(
+            metrics_values, unscaled_loss, x, y, y_pred, sample_weight
+        )
+        return logs, (trainable, non_trainable, optimizer_values, metrics_values)

@@ -1,0 +1,213 @@
+"""TensorFlow glue: the accumulating train step inside Keras's `tf.function`.
+
+The window lives in per-replica ``tf.Variable``s (`accumulate.accumulator`)
+that the traced train step updates in place; under ``tf.distribute`` each
+replica accumulates alone and one all-reduce per window sums them
+(`accumulate.distributed`). The arithmetic is `accumulate.window`'s and
+`accumulate.noise_scale`'s, shared with the other backends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from accumulate import distributed, noise_scale, window
+from accumulate.accumulator import GradientAccumulator, NoiseScaleMeter
+
+
+def batch_size(x: Any) -> tf.Tensor:
+    """The micro-batch's number of samples (dynamic: batches may be ragged)."""
+    first_input = next(t for t in tf.nest.flatten(x) if t is not None)
+    return tf.shape(first_input)[0]
+
+
+def assert_equal_counts(counts: list[Any], message: str) -> None:
+    """Fails the step when masked outputs hold different unmasked counts."""
+    for count in counts[1:]:
+        tf.debugging.assert_equal(count, counts[0], message=message)
+
+
+def _ids(variables: list[Any]) -> list[int]:
+    return [id(variable) for variable in variables]
+
+
+class Accumulation:
+    """The TensorFlow half of `AccumulatingModel` (mixed in before keras.Model)."""
+
+    def _window_counts(self) -> tuple[float, int]:
+        """``(samples, micro-batches)`` of the open window (all replicas)."""
+        state = self._accumulation
+        return float(state.samples.numpy()), int(state.steps.numpy())
+
+    def _write_window_size(self) -> None:
+        if self._accumulation is not None:
+            distributed.assign_total(
+                self._accumulation.window_size,
+                self._window_size_value(),
+                self.distribute_strategy,
+            )
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            training = {"training": True} if self._call_has_training_arg else {}
+            y_pred = self(x, **training)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            self._loss_tracker.update_state(
+                loss * replicas, sample_weight=batch_size(x)
+            )
+            # Keras divides each replica's loss by the number of replicas;
+            # undo it so that every replica adds (samples x its own mean
+            # gradient) and the window divides by the samples of all replicas.
+            scaled_loss = self.optimizer.scale_loss(loss * replicas)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        if self._accumulated_variable_ids != _ids(self.trainable_variables):
+            # Keras builds a model without a strategy while tracing: its
+            # variables exist only now. Create the state outside the graph
+            # (and only then: init_scope from a replica thread on every step
+            # corrupts steps where some replicas get an empty micro-batch).
+            with tf.init_scope():
+                self._build_accumulation_state()
+        state = self._accumulation
+        state.count_micro_batch(batch_size(x))
+        weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
+        scale = self._loss_scale()
+        state.add(gradients, weight, gradient_scale=scale)
+        if self._noise_scale is not None:
+            self._measure_micro_batch(gradients, weight, scale)
+        distributed.cond_in_cross_replica_context(
+            state.window_is_complete(), self._apply_window, self.optimizer
+        )
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if isinstance(
+            self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy
+        ):
+            # Keras 3.15 reduces multi-worker logs with
+            # strategy.reduce("MEAN", value, axis=0), which fails on scalars
+            # (for any Keras model): give them the axis it averages over.
+            logs = tf.nest.map_structure(lambda value: tf.reshape(value, [1]), logs)
+        return logs
+
+    def _measure_micro_batch(
+        self, gradients: list[Any], weight: tf.Tensor, scale: Any
+    ) -> None:
+        def add() -> None:
+            squared_norm = noise_scale.squared_norm(gradients)
+            if scale is not None:
+                squared_norm = squared_norm / tf.square(tf.cast(scale, tf.float32))
+            self._noise_scale.add_micro_batch(squared_norm, weight)
+
+        tf.cond(tf.cast(weight, tf.float32) > 0.0, add, lambda: None)
+
+    def _apply_window(self) -> None:
+        """One optimizer update on the window's mean gradient, then reset."""
+        state = self._accumulation
+        meter = self._noise_scale
+        gradient_sums, (total_samples, *noise_totals) = distributed.all_reduce_window(
+            state.gradient_sum_values(),
+            [state.samples.read_value(), *(meter.window_totals() if meter else [])],
+        )
+        gradients = state.mean_gradients(total_samples, gradient_sums)
+        if meter is not None:
+            meter.end_window(
+                noise_scale.squared_norm(gradients), total_samples, noise_totals
+            )
+        scale = self._loss_scale()
+        # The sums are unscaled; the optimizer unscales what it is given.
+        gradients = window.scaled(gradients, scale)
+        self.optimizer.apply(gradients, list(state.accumulated_variables))
+        state.reset()
+
+    def _apply_open_window(self) -> None:
+        state = self._accumulation
+        if state is None:
+            return
+        with self.distribute_strategy.scope():
+            if not self.optimizer.built:
+                self.optimizer.build(list(state.accumulated_variables))
+        if self._apply_function is None:
+
+            @tf.function
+            def apply_if_not_empty():
+                self.distribute_strategy.run(
+                    lambda: distributed.cond_in_cross_replica_context(
+                        self._accumulation.steps > 0,
+                        self._apply_window,
+                        self.optimizer,
+                    )
+                )
+
+            self._apply_function = apply_if_not_empty
+        self._apply_function()
+
+    def _reset_open_window(self) -> None:
+        if self._accumulation is not None:
+            with self.distribute_strategy.scope():
+                self.distribute_strategy.run(self._accumulation.reset)
+                if self._noise_scale is not None:
+                    self.distribute_strategy.run(self._noise_scale.reset_window)
+
+    def make_train_function(self, force: bool = False):
+        if self.built:
+            self._build_accumulation_state()
+        return super().make_train_function(force)
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None):
+        strategy = self._distribute_strategy
+        if (
+            isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and iterator is not None
+            and data_batch is None
+        ):
+            # Keras 3.15 reduces the first distributed batch with
+            # strategy.reduce("MEAN", batch), which fails under multi-worker
+            # for any Keras model; the build only needs shapes and dtypes.
+            with strategy.scope():
+                self._symbolic_build(
+                    data_batch=distributed.first_replica_batch(iterator, strategy)
+                )
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _build_accumulation_state(self) -> None:
+        variable_ids = _ids(self.trainable_variables)
+        with self.distribute_strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+            if self._accumulation is not None:
+                if variable_ids == self._accumulated_variable_ids:
+                    return
+                if self.steps_accumulated:
+                    raise ValueError(
+                        "The model's trainable variables changed while "
+                        f"{self.steps_accumulated} micro-batches were "
+                        "accumulated for the previous ones. Apply them to the "
+                        "variables they were accumulated for "
+                        "(model.apply_accumulated_gradients()) or discard them "
+                        "(model.reset_accumulated_gradients()), then train on."
+                    )
+                self.train_function = None
+                self._apply_function = None
+            self._accumulation = GradientAccumulator(
+                self.trainable_variables, window_size=self._window_size_value()
+            )
+            if self._measure_noise_scale:
+                self._noise_scale = NoiseScaleMeter()
+        self._accumulated_variable_ids = variable_ids
+
+    def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any):
+        # As Keras does for train_function: a SavedModel must not trace the
+        # apply function (it would try to save its gradients).
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "savedmodel":
+            children.pop("_apply_function", None)
+        return children
+
+    def _assign_saved(self, variable: tf.Variable, value: Any) -> None:
+        distributed.assign_total(variable, value, self.distribute_strategy)

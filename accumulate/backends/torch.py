@@ -1,0 +1,100 @@
+"""PyTorch glue: the accumulating train step as Keras's stateful torch step.
+
+Keras's torch trainer runs ``train_step(data)`` eagerly: backward fills each
+variable's ``.grad``, and the window (`accumulate.backends.variables`) is
+updated in place with `accumulate.window`'s arithmetic. The test for a
+complete window is a plain Python ``if`` (one host read of a scalar per
+micro-batch, as every eager torch step already does for its loss).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import torch
+
+from accumulate import noise_scale, window
+from accumulate.backends.variables import VariableAccumulation
+
+
+def batch_size(x: Any) -> int:
+    """The micro-batch's number of samples."""
+    first_input = next(t for t in keras.tree.flatten(x) if t is not None)
+    return first_input.shape[0]
+
+
+def assert_equal_counts(counts: list[Any], message: str) -> None:
+    """Fails the step when masked outputs hold different unmasked counts."""
+    if any(float(count) != float(counts[0]) for count in counts[1:]):
+        raise ValueError(message)
+
+
+class Accumulation(VariableAccumulation):
+    """The PyTorch half of `AccumulatingModel` (mixed in before keras.Model)."""
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        training = {"training": True} if self._call_has_training_arg else {}
+        y_pred = self(x, **training)
+        # Before the loss: a model whose outputs no single weight fits fails
+        # with our explanation, not with whatever its loss raises first.
+        weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
+        self.zero_grad()
+        loss = self._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+        self._loss_tracker.update_state(loss, sample_weight=batch_size(x))
+        state = self._accumulation
+        variables = list(state.accumulated_variables)
+        scale = self._loss_scale()
+        loss = self.optimizer.scale_loss(loss)
+        loss.backward()
+        # None for a variable the loss does not reach, as in Keras's step:
+        # the optimizer then leaves it alone when the window is applied.
+        gradients = [variable.value.grad for variable in variables]
+        state.connected = [gradient is not None for gradient in gradients]
+        with torch.no_grad():
+            self._add_micro_batch(gradients, weight, scale)
+            if bool(window.is_complete(state.steps.value, state.window_size.value)):
+                self._apply_open_window()
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _add_micro_batch(self, gradients: list[Any], weight: Any, scale: Any) -> None:
+        state = self._accumulation
+        state.micro_batches_this_epoch.assign(state.micro_batches_this_epoch.value + 1)
+        sums, samples, steps = window.add(
+            [gradient_sum.value for gradient_sum in state.gradient_sums],
+            state.samples.value,
+            state.steps.value,
+            gradients,
+            weight,
+            gradient_scale=scale,
+        )
+        for variable, value in zip(state.gradient_sums, sums, strict=True):
+            variable.assign(value)
+        state.samples.assign(samples)
+        state.steps.assign(steps)
+        meter = self._noise_scale
+        if meter is not None:
+            sq_norm = window.squared_norm(gradients)
+            if scale is not None:
+                sq_norm = sq_norm / float(scale) ** 2
+            totals = noise_scale.add_micro_batch(
+                meter.weighted_sq_norms.value,
+                meter.micro_batches.value,
+                sq_norm,
+                weight,
+            )
+            meter.weighted_sq_norms.assign(totals[0])
+            meter.micro_batches.assign(totals[1])
+
+    def _optimizer_apply(self, gradients: list[Any], variables: list[Any]) -> None:
+        connected = getattr(self._accumulation, "connected", None)
+        if connected is not None:
+            gradients = [
+                gradient if is_connected else None
+                for gradient, is_connected in zip(gradients, connected, strict=True)
+            ]
+        with torch.no_grad():
+            self.optimizer.apply(gradients, variables)

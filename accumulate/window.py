@@ -1,0 +1,122 @@
+"""The window arithmetic, once, in `keras.ops`: every backend uses these.
+
+A window is a sample-weighted gradient sum, its total weight and its number of
+micro-batches. Why weights: Keras reduces a loss with ``sum_over_batch_size``,
+i.e. it divides the (sample-weighted) sum of per-sample losses by the number
+of samples ``b`` in the batch, and adds regularisation once per batch. For
+micro-batches ``k`` of a window holding ``B = sum(b_k)`` samples::
+
+    sum_k (b_k / B) * loss_k = (sum over all samples of w_i * l_i) / B + R
+
+which is exactly the loss of the window as one big batch. So each
+micro-batch's gradient is added multiplied by ``b_k`` and the window's
+gradient is the sum divided by ``B``.
+
+The functions are pure (values in, values out), so they serve JAX's stateless
+train step as they are; a stateful backend assigns what they return. Where a
+micro-batch must count for nothing they select with ``where``, never multiply
+by 0: ``0 * NaN`` is NaN, and an empty micro-batch's loss is ``0/0``.
+
+Example:
+    >>> import numpy as np
+    >>> sums, samples, steps = zeros([np.zeros(2, "float32")])
+    >>> sums, samples, steps = add(sums, samples, steps, [np.ones(2)], 3.0)
+    >>> sums, samples, steps = add(sums, samples, steps, [np.array([5.0, 1])], 1.0)
+    >>> [np.asarray(g).tolist() for g in mean(sums, samples, ["float32"])]
+    [[2.0, 1.0]]
+    >>> bool(is_complete(steps, 2)), bool(is_complete(steps, 0))
+    (True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from keras import ops
+
+
+def accumulation_dtype(dtype: Any) -> str:
+    """float32 for half precision (sums of many micro-batches lose small ones)."""
+    dtype = str(getattr(dtype, "name", dtype))
+    return dtype if dtype in ("float32", "float64") else "float32"
+
+
+def zeros(variables: Sequence[Any]) -> tuple[list[Any], Any, Any]:
+    """An empty window for ``variables``: ``(sums, samples, steps)``."""
+    sums = [
+        ops.zeros(tuple(variable.shape), accumulation_dtype(variable.dtype))
+        for variable in variables
+    ]
+    return sums, ops.zeros((), "float32"), ops.zeros((), "int32")
+
+
+def add(
+    sums: Sequence[Any],
+    samples: Any,
+    steps: Any,
+    gradients: Sequence[Any],
+    weight: Any,
+    gradient_scale: Any = None,
+) -> tuple[list[Any], Any, Any]:
+    """The window with one micro-batch of ``weight`` folded in.
+
+    ``gradient_scale`` is what the gradients are multiplied by (a loss
+    scale): they are stored divided by it, so that the window can be applied
+    with whatever scale the optimizer has by then. A micro-batch of weight 0
+    adds nothing and is not counted.
+    """
+    weight = ops.cast(weight, "float32")
+    counts = weight > 0.0
+    factor = weight if gradient_scale is None else weight / gradient_scale
+    new_sums = []
+    for gradient_sum, gradient in zip(sums, gradients, strict=True):
+        if gradient is None:
+            new_sums.append(gradient_sum)
+            continue
+        added = gradient_sum + ops.cast(gradient, gradient_sum.dtype) * ops.cast(
+            factor, gradient_sum.dtype
+        )
+        new_sums.append(ops.where(counts, added, gradient_sum))
+    samples = ops.where(counts, samples + weight, samples)
+    steps = steps + ops.cast(counts, steps.dtype)
+    return new_sums, samples, steps
+
+
+def is_complete(steps: Any, window_size: Any) -> Any:
+    """Whether the window holds its N micro-batches (never, for N = 0: epoch)."""
+    return ops.logical_and(window_size > 0, steps >= window_size)
+
+
+def mean(
+    sums: Sequence[Any | None], samples: Any, dtypes: Sequence[Any]
+) -> list[Any | None]:
+    """The window's gradient: the sums divided by their total weight.
+
+    Cast back to each variable's dtype; ``None`` stays ``None``.
+    """
+    return [
+        None
+        if gradient_sum is None
+        else ops.cast(gradient_sum / ops.cast(samples, gradient_sum.dtype), dtype)
+        for gradient_sum, dtype in zip(sums, dtypes, strict=True)
+    ]
+
+
+def scaled(gradients: Sequence[Any | None], scale: Any) -> list[Any | None]:
+    """``gradients`` times a loss scale (the optimizer unscales what it gets)."""
+    if scale is None:
+        return list(gradients)
+    return [
+        None if gradient is None else gradient * ops.cast(scale, gradient.dtype)
+        for gradient in gradients
+    ]
+
+
+def squared_norm(gradients: Sequence[Any | None]) -> Any:
+    """``Σ |g|²`` over every gradient, in float32."""
+    total = ops.zeros((), "float32")
+    for gradient in gradients:
+        if gradient is not None:
+            total = total + ops.sum(ops.square(ops.cast(gradient, "float32")))
+    return total
