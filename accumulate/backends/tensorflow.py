@@ -97,13 +97,12 @@ class Accumulation:
     def _measure_micro_batch(
         self, gradients: list[Any], weight: tf.Tensor, scale: Any
     ) -> None:
-        def add() -> None:
-            squared_norm = noise_scale.squared_norm(gradients)
-            if scale is not None:
-                squared_norm = squared_norm / tf.square(tf.cast(scale, tf.float32))
-            self._noise_scale.add_micro_batch(squared_norm, weight)
-
-        tf.cond(tf.cast(weight, tf.float32) > 0.0, add, lambda: None)
+        # No tf.cond: the update selects on the weight (a branch per step
+        # cost ~2-5% of an MNIST step here, measured by make bench).
+        squared_norm = noise_scale.squared_norm(gradients)
+        if scale is not None:
+            squared_norm = squared_norm / tf.square(tf.cast(scale, tf.float32))
+        self._noise_scale.add_micro_batch(squared_norm, weight)
 
     def _apply_window(self) -> None:
         """One optimizer update on the window's mean gradient, then reset."""
