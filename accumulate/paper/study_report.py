@@ -1097,9 +1097,16 @@ def _invocations_text(summary: dict[str, Any]) -> str:
     invocations = summary.get("invocations") or [summary]
     if len(invocations) == 1:
         only = invocations[0]
+        reused = only.get("runs_reused")
         return (
             f"started {only['started_at']}, wall time "
-            f"{only['wall_seconds'] / 60:.1f} minutes."
+            f"{only['wall_seconds'] / 60:.1f} minutes"
+            + (
+                f" ({reused} of the runs were reused, as finished by an earlier, "
+                "interrupted invocation with the same run settings)."
+                if reused
+                else "."
+            )
         )
     parts = [
         f"{i['started_at']} for {i['wall_seconds'] / 60:.1f} minutes"
