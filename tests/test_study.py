@@ -192,3 +192,15 @@ def test_quick_study_writes_runs_figures_and_report(tmp_path):
     for stem in ("updates_to_target", "epochs_to_target", "noise_scale", "paper_twin"):
         png = tmp_path / f"{stem}-mnist.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_continued_study_keeps_the_earlier_invocations(tmp_path):
+    settings = study.StudySettings.quick_settings()
+    first = {"command": "c", "started_at": "t0", "wall_seconds": 60.0}
+    (tmp_path / "study.json").write_text(
+        json.dumps({"settings": settings.to_dict(), **first})
+    )
+    assert study._previous_invocations(tmp_path, settings) == [first]
+    other = study.StudySettings.full()
+    assert study._previous_invocations(tmp_path, other) == []
+    assert study._previous_invocations(tmp_path / "missing", settings) == []

@@ -1093,6 +1093,39 @@ def _tuned_full_batch(
     return (full[0].best or full[0].closest) if full else None
 
 
+def _invocations_text(summary: dict[str, Any]) -> str:
+    invocations = summary.get("invocations") or [summary]
+    if len(invocations) == 1:
+        only = invocations[0]
+        reused = only.get("runs_reused")
+        return (
+            f"started {only['started_at']}, wall time "
+            f"{only['wall_seconds'] / 60:.1f} minutes"
+            + (
+                f" ({reused} of the runs were reused, as finished by an earlier, "
+                "interrupted invocation with the same run settings)."
+                if reused
+                else "."
+            )
+        )
+    parts = [
+        f"{i['started_at']} for {i['wall_seconds'] / 60:.1f} minutes"
+        + (
+            f" ({i['runs_trained']} runs trained, {i['runs_reused']} reused)"
+            if "runs_trained" in i
+            else ""
+        )
+        for i in invocations
+    ]
+    total = sum(i["wall_seconds"] for i in invocations)
+    return (
+        f"in {len(invocations)} invocations of the same command (a later one "
+        "reuses the runs an earlier one finished): "
+        + "; ".join(parts)
+        + f"; {total / 60:.1f} minutes in all."
+    )
+
+
 def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
     """Writes the figures and ``report.md`` into ``out``; returns the paths."""
     out = Path(out)
@@ -1111,10 +1144,9 @@ def build_study_report(out: str | os.PathLike[str]) -> list[Path]:
         "files in `runs/` by `accumulate/paper/study_report.py`.",
         "",
         f"Produced by `{summary.get('command') or 'python -m accumulate.paper.study'}` "
-        f"({summary['jobs']} worker processes, one TensorFlow thread each), "
-        f"started {summary['started_at']}, wall time "
-        f"{summary['wall_seconds'] / 60:.1f} minutes for {len(records)} runs on "
-        f"{summary['machine']['cpu_count']} cores."
+        f"({summary['jobs']} worker processes, one TensorFlow thread each) on "
+        f"{summary['machine']['cpu_count']} cores: {len(records)} runs, "
+        + _invocations_text(summary)
         + (
             " **Quick mode: a smoke test on 10% of the data, not a result.**"
             if settings.get("quick")
