@@ -246,6 +246,28 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             return 0
         return round(self._window_counts()[0])
 
+    def _state_needs_building(self) -> bool:
+        """Whether the state must be (re)built for the trainable variables now.
+
+        Raises while a window is open for other variables: its sums belong to
+        them (both remedies the message names work).
+        """
+        if self._accumulation is None:
+            return True
+        current = [id(variable) for variable in self.trainable_variables]
+        if current == self._accumulated_variable_ids:
+            return False
+        if self.steps_accumulated:
+            raise ValueError(
+                "The model's trainable variables changed while "
+                f"{self.steps_accumulated} micro-batches were "
+                "accumulated for the previous ones. Apply them to the "
+                "variables they were accumulated for "
+                "(model.apply_accumulated_gradients()) or discard them "
+                "(model.reset_accumulated_gradients()), then train on."
+            )
+        return True
+
     @property
     def steps_accumulated(self) -> int:
         """Micro-batches in the current, not yet applied window."""

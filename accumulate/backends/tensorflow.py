@@ -175,22 +175,12 @@ class Accumulation:
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _build_accumulation_state(self) -> None:
-        variable_ids = _ids(self.trainable_variables)
         with self.distribute_strategy.scope():
             if self.optimizer is not None and not self.optimizer.built:
                 self.optimizer.build(self.trainable_variables)
+            if not self._state_needs_building():
+                return
             if self._accumulation is not None:
-                if variable_ids == self._accumulated_variable_ids:
-                    return
-                if self.steps_accumulated:
-                    raise ValueError(
-                        "The model's trainable variables changed while "
-                        f"{self.steps_accumulated} micro-batches were "
-                        "accumulated for the previous ones. Apply them to the "
-                        "variables they were accumulated for "
-                        "(model.apply_accumulated_gradients()) or discard them "
-                        "(model.reset_accumulated_gradients()), then train on."
-                    )
                 self.train_function = None
                 self._apply_function = None
             self._accumulation = GradientAccumulator(
@@ -198,7 +188,7 @@ class Accumulation:
             )
             if self._measure_noise_scale:
                 self._noise_scale = NoiseScaleMeter()
-        self._accumulated_variable_ids = variable_ids
+        self._accumulated_variable_ids = _ids(self.trainable_variables)
 
     def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any):
         # As Keras does for train_function: a SavedModel must not trace the

@@ -171,28 +171,18 @@ class VariableAccumulation:
         return super().make_train_function(force)
 
     def _build_accumulation_state(self) -> None:
-        variable_ids = _ids(self.trainable_variables)
         if self.optimizer is not None and not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
+        if not self._state_needs_building():
+            return
         if self._accumulation is not None:
-            if variable_ids == self._accumulated_variable_ids:
-                return
-            if self.steps_accumulated:
-                raise ValueError(
-                    "The model's trainable variables changed while "
-                    f"{self.steps_accumulated} micro-batches were "
-                    "accumulated for the previous ones. Apply them to the "
-                    "variables they were accumulated for "
-                    "(model.apply_accumulated_gradients()) or discard them "
-                    "(model.reset_accumulated_gradients()), then train on."
-                )
             # The train step reads the state by position: retrace it.
             self.train_function = None
         self._accumulation = WindowVariables(
             self.trainable_variables, self._window_size_value()
         )
         self._noise_scale = NoiseVariables() if self._measure_noise_scale else None
-        self._accumulated_variable_ids = variable_ids
+        self._accumulated_variable_ids = _ids(self.trainable_variables)
 
     def _apply_open_window(self) -> None:
         self._sync_state()
