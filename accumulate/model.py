@@ -463,6 +463,7 @@ class AccumulatingFunctional(AccumulatingModel, Functional):
         if original is not None:
             kwargs.setdefault("accumulation_steps", original.accumulation_steps)
             kwargs.setdefault("flush_at_epoch_end", original.flush_at_epoch_end)
+            kwargs.setdefault("measure_noise_scale", original.measure_noise_scale)
         super().__init__(*args, **kwargs)
 
 

