@@ -119,6 +119,10 @@ def start(
     # Before the first op: TensorFlow's runtime reads these only once.
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if keras.backend.backend() == "torch":
+        import torch  # the torch backend's own pool, held to --threads too
+
+        torch.set_num_threads(args.threads)
     # Dozens of models in one process make TensorFlow warn about retracing:
     # expected here, and it would bury the progress lines.
     tf.get_logger().setLevel("ERROR")
