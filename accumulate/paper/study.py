@@ -554,6 +554,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     """
     import keras
 
+    from accumulate.paper import training
+
     keras.backend.clear_session()  # one worker trains many runs in turn
     train, validation, samples, batches_per_epoch = _pipelines(spec)
     model = _build_model(spec, batches_per_epoch)
@@ -569,9 +571,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         optimizer=keras.optimizers.SGD(spec.learning_rate, momentum=momentum),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        # One graph call runs the whole epoch (see accumulate training.py).
-        steps_per_execution=batches_per_epoch,
-        jit_compile=True,
+        # One graph call runs the whole epoch where the backend allows it.
+        **training.execution_settings(batches_per_epoch),
     )
     record: dict[str, Any] = {
         "spec": spec.to_dict(),

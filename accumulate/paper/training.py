@@ -52,7 +52,7 @@ __all__ = [
 JIT_COMPILE = True
 
 
-def _execution_settings(batches_per_epoch: int) -> dict[str, Any]:
+def execution_settings(batches_per_epoch: int) -> dict[str, Any]:
     """A whole epoch per execution under XLA, where the backend has both.
 
     Keras's PyTorch trainer runs one step per execution and its
@@ -157,7 +157,7 @@ def train_twin(
         optimizer=make_optimizer(config),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        **_execution_settings(data.batches_per_epoch),
+        **execution_settings(data.batches_per_epoch),
     )
     recorder = EpochProgressCallback(
         config.label, model_name, config.epochs, epochs_after, progress
