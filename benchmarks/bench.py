@@ -41,7 +41,8 @@ class TrainFunctions:
     """One model, two traced train steps: with its noise meter and without.
 
     Two identically configured models differ here by up to 9% in epoch time
-    (measured: three pairs, one process), more than the measurement costs;
+    (three identical models in one process: 0.99-1.08 of the first), more
+    than the measurement costs;
     one model traced twice over the same variables removes that from the
     comparison. Swaps the library's own private attributes (the meter and the
     traced apply), which is why this lives in a benchmark.
