@@ -94,8 +94,14 @@ def with_unmeasured_twins(variants: list[Variant]) -> list[Variant]:
     return result
 
 
-def build(data: harness.Data, quick: bool, patterns: list[str]) -> list[Variant]:
-    """Every variant whose label matches a pattern, built only if it does."""
+def build(
+    data: harness.Data, quick: bool, patterns: list[str], instances: int = 1
+) -> list[Variant]:
+    """Every variant whose label matches a pattern, built only if it does.
+
+    ``instances`` models per variant (`harness.Instances`), except for the
+    noise-measuring ones: those already pair one model with itself.
+    """
     # The `fit` variants; data.batches (118 on MNIST) is a whole epoch.
     batches, ga = data.batches, f"keras-ga-{data.batches}"
     specs = [
@@ -121,7 +127,9 @@ def build(data: harness.Data, quick: bool, patterns: list[str]) -> list[Variant]
     spes = (1,) if keras.backend.backend() == "torch" else (1, data.batches)
     variants = with_unmeasured_twins(
         [
-            harness.fit_variant(spec, data, jit, spe)
+            harness.fit_variant(
+                spec, data, jit, spe, 1 if spec.name.endswith("-noise") else instances
+            )
             for jit in jits
             for spe in spes
             for spec in table
@@ -228,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = "comma-separated globs over labels (brackets literal), e.g. 'fit*,floor*'"
     parser.add_argument("--only", default="*", help=only)
     args, meta, data = harness.start(parser, argv)
-    variants = build(data, args.quick, [p.strip() for p in args.only.split(",")])
+    patterns = [p.strip() for p in args.only.split(",")]
+    variants = build(data, args.quick, patterns, args.instances)
     if not variants:
         print(f"--only {args.only!r} matches no variant", file=sys.stderr)
         return 2
@@ -236,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = harness.rows(variants, len(data.x))
     table, summary = harness.table(rows, COLUMNS), ratios(rows, variants, data.batches)
     harness.log(f"\n{table}\n\n{json.dumps(summary, indent=2)}")
-    meta.update(only=args.only, model="784-128-64-32-10 tanh, 111,146 parameters")
+    meta.update(
+        only=args.only,
+        instances=args.instances,
+        model="784-128-64-32-10 tanh, 111,146 parameters",
+    )
     report = {"results": rows, "ratios": summary, "table": table}
     subtitle = f"median of {args.epochs} epoch(s)"
     harness.write_report(args, meta, "bench", report, plot(rows), subtitle)

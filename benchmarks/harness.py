@@ -77,6 +77,7 @@ def parser(doc: str, epochs: int, out: Path = RESULTS_DIR) -> argparse.ArgumentP
     add("--out", type=Path, default=out, help="output directory")
     add("--quick", action="store_true", help="smoke test: synthetic, few variants")
     add("--threads", type=int, default=1, help="TensorFlow threads (default 1)")
+    add("--instances", type=int, default=1, help="models per variant (see Instances)")
     result.set_defaults(default_epochs=epochs)
     return result
 
@@ -114,8 +115,8 @@ def start(
 ) -> tuple[Namespace, dict[str, Any], Data]:
     args = parsed.parse_args(argv)
     args.epochs = args.epochs or (1 if args.quick else args.default_epochs)
-    if args.epochs < 1 or args.threads < 1:
-        parsed.error("--epochs and --threads must be >= 1")
+    if min(args.epochs, args.threads, args.instances) < 1:
+        parsed.error("--epochs, --threads and --instances must be >= 1")
     # Before the first op: TensorFlow's runtime reads these only once.
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -251,13 +252,50 @@ def compiled(spec: Spec, jit: bool, spe: int) -> Any:
     return model
 
 
-def fit_variant(spec: Spec, data: Data, jit: bool, spe: int) -> Variant:
-    """One `fit` epoch of the spec's model; a wide one warms up short."""
-    model = compiled(spec, jit, spe)
-    short = model.count_params() > WIDE_PARAMETERS
-    warm_up = functools.partial(fit_epoch, model, data.pipeline(short=short))
-    run = functools.partial(fit_epoch, model, data.dataset)
-    return Variant(spec, run, model, jit, spe, warm_up)
+class Instances:
+    """Identically built models of one variant, each timed in turn.
+
+    Two identically built models differ by up to 9% in epoch time on this
+    machine, persistently (where their buffers landed), which is more than
+    most differences measured here. Round ``i`` times instance ``i % K`` of
+    every variant, so paired ratios compare like with like and the median
+    over rounds spans K placements instead of resting on one.
+    """
+
+    def __init__(self, models: Sequence[Any], dataset: Any, warm_up_data: Any):
+        self.models = list(models)
+        self.dataset, self.warm_up_data = dataset, warm_up_data
+        self.round = 0
+
+    def run_epoch(self) -> EpochTime:
+        model = self.models[self.round % len(self.models)]
+        self.round += 1
+        return fit_epoch(model, self.dataset)
+
+    def warm_up(self) -> EpochTime:
+        # Every instance traces its own train function: warm each one up.
+        times = [fit_epoch(model, self.warm_up_data) for model in self.models]
+        return tuple(map(sum, zip(*times, strict=True)))
+
+
+def fit_variant(
+    spec: Spec, data: Data, jit: bool, spe: int, instances: int = 1
+) -> Variant:
+    """One `fit` epoch of the spec's model(s); a wide one warms up short.
+
+    ``instances`` > 1 builds that many models and times them in turn
+    (`Instances`); ``Variant.model`` is the first.
+    """
+    models = [compiled(spec, jit, spe) for _ in range(instances)]
+    short = models[0].count_params() > WIDE_PARAMETERS
+    warm_up_data = data.pipeline(short=short)
+    if instances == 1:
+        warm_up = functools.partial(fit_epoch, models[0], warm_up_data)
+        run = functools.partial(fit_epoch, models[0], data.dataset)
+    else:
+        rotation = Instances(models, data.dataset, warm_up_data)
+        warm_up, run = rotation.warm_up, rotation.run_epoch
+    return Variant(spec, run, models[0], jit, spe, warm_up)
 
 
 def floor_variant(data: Data, jit_compile: bool) -> Variant:

@@ -21,10 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO_ROOT / "benchmarks"
 
 
-def _run(script: str, out: Path) -> subprocess.CompletedProcess[str]:
+def _run(script: str, out: Path, *more: str) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out), *more],
         capture_output=True,
         text=True,
         env=environment,
@@ -43,7 +43,7 @@ def _run(script: str, out: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def bench_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    _run("bench.py", out)
+    _run("bench.py", out, "--instances", "2")
     return out
 
 
@@ -60,6 +60,7 @@ def test_bench_writes_json_and_png(bench_output: Path) -> None:
     assert set(report) >= {"meta", "results", "ratios", "table"}
     assert report["meta"]["quick"] is True
     assert report["meta"]["threads"] == 1
+    assert report["meta"]["instances"] == 2
 
     # The floor and the notebook's loops are TensorFlow code: only there.
     on_tensorflow = BACKEND == "tensorflow"

@@ -25,7 +25,7 @@ def _data():
     return x, rng.integers(0, 3, size=len(x))
 
 
-def _twins(accumulation_steps, optimizer="adam"):
+def _twins(accumulation_steps, optimizer="adam", **options):
     keras.utils.set_random_seed(9)
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(5, activation="tanh")(inputs)
@@ -33,7 +33,10 @@ def _twins(accumulation_steps, optimizer="adam"):
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(5, activation="tanh")(inputs)
     accumulating = AccumulatingModel(
-        inputs, keras.layers.Dense(3)(hidden), accumulation_steps=accumulation_steps
+        inputs,
+        keras.layers.Dense(3)(hidden),
+        accumulation_steps=accumulation_steps,
+        **options,
     )
     accumulating.set_weights(standard.get_weights())
     for model in (standard, accumulating):
@@ -91,6 +94,24 @@ class _SetMidEpoch(keras.callbacks.Callback):
             self.model.set_accumulation_steps(self.value)
             # Still the old size until the epoch ends.
             assert self.model.current_accumulation_steps != self.value
+
+
+def test_a_window_carried_into_n1_is_completed_not_skipped():
+    """N=4 carried (no flush) into N=1: the carried 2 micro-batches and the
+    next one are one update; after it, every micro-batch is its own update."""
+    x, y = _data()
+    standard, accumulating = _twins({0: 4, 1: 1}, flush_at_epoch_end=False)
+    accumulating.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    window = 4 * BATCH
+    standard.train_on_batch(x[:window], y[:window])
+    standard.train_on_batch(x[window : 2 * window], y[window : 2 * window])
+    carried = np.concatenate([x[2 * window :], x[:BATCH]])
+    standard.train_on_batch(carried, np.concatenate([y[2 * window :], y[:BATCH]]))
+    for start in range(BATCH, len(x), BATCH):
+        standard.train_on_batch(x[start : start + BATCH], y[start : start + BATCH])
+    assert int(standard.optimizer.iterations) == 2 + 1 + (BATCHES - 1)
+    _assert_same(standard, accumulating)
+    assert accumulating.steps_accumulated == 0
 
 
 @pytest.mark.parametrize("steps_per_execution", [1, 5])

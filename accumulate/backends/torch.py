@@ -46,31 +46,46 @@ class Accumulation(VariableAccumulation):
         )
         self._loss_tracker.update_state(loss, sample_weight=batch_size(x))
         state = self._accumulation
-        variables = list(state.accumulated_variables)
         scale = self._loss_scale()
         loss = self.optimizer.scale_loss(loss)
         loss.backward()
         # None for a variable the loss does not reach, as in Keras's step:
         # the optimizer then leaves it alone when the window is applied.
-        gradients = [variable.value.grad for variable in variables]
+        gradients = [variable.value.grad for variable in state.accumulated_variables]
         state.connected = [gradient is not None for gradient in gradients]
-        with torch.no_grad():
-            self._add_micro_batch(gradients, weight, scale)
-            if bool(window.is_complete(state.steps.value, state.window_size.value)):
-                self._apply_open_window()
+        self._fold_in(gradients, weight, scale)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _add_micro_batch(self, gradients: list[Any], weight: Any, scale: Any) -> None:
-        # `accumulate.window.add`'s arithmetic, in place: the step is eager,
-        # so whether the micro-batch counts is a host read (as the window's
-        # `if` is) and each sum takes one `add_` instead of the pure version's
-        # three temporaries and a copy (at N=8: 1.107x plain fit before,
-        # 1.055x after; docs/performance.md).
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _fold_in(self, gradients: list[Any], weight: Any, scale: Any) -> None:
+        # The window's bookkeeping reads its counts on the host (as the
+        # window's `if`s are, `accumulate.window`), so it always runs eagerly:
+        # under torch.compile (jit_compile=True) dynamo took reads of the
+        # state variables for constants and made wrong updates (caught by
+        # tests/test_conformance.py).
         state = self._accumulation
         state.micro_batches_this_epoch.value.add_(1)
         weight = float(weight)
+        window_size = int(state.window_size.value)
+        if window_size == 1 and int(state.steps.value) == 0:
+            # N=1 with nothing carried over: Keras's own update on the loss's
+            # gradients as they are (the window is not touched), for a
+            # micro-batch that counts.
+            if weight > 0.0:
+                self._optimizer_apply(gradients, list(state.accumulated_variables))
+            return
+        self._add_micro_batch(gradients, weight, scale)
+        if 0 < window_size <= int(state.steps.value):
+            self._apply_open_window()
+
+    def _add_micro_batch(self, gradients: list[Any], weight: float, scale: Any) -> None:
+        # `accumulate.window.add`'s arithmetic, in place: one `add_` per
+        # variable instead of the pure version's three temporaries and a copy
+        # (at N=8: 1.107x plain fit before, 1.055x after; docs/performance.md).
         if not weight > 0.0:  # also NaN: a micro-batch of weight 0 adds nothing
             return
+        state = self._accumulation
         factor = weight if scale is None else weight / float(scale)
         for gradient_sum, gradient in zip(state.gradient_sums, gradients, strict=True):
             if gradient is not None:
