@@ -2,9 +2,11 @@
 
 Keras's torch trainer runs ``train_step(data)`` eagerly: backward fills each
 variable's ``.grad``, and the window (`accumulate.backends.variables`) is
-updated in place with `accumulate.window.add`'s arithmetic (``add_``). The test for a
-complete window is a plain Python ``if`` (one host read of a scalar per
-micro-batch, as every eager torch step already does for its loss).
+updated in place with `accumulate.window.add`'s arithmetic (``add_``).
+Whether a micro-batch counts and whether the window is complete are plain
+Python ``if``s on host reads of the counters, as every eager torch step
+already reads its loss; at N=1 with no window open the gradients go straight
+to ``optimizer.apply``, as in Keras's step.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Any
 import keras
 import torch
 
-from accumulate import window
 from accumulate.backends.variables import VariableAccumulation
 
 
@@ -95,7 +96,14 @@ class Accumulation(VariableAccumulation):
         state.steps.value.add_(1)
         meter = self._noise_scale
         if meter is not None:
-            sq_norm = float(window.squared_norm(gradients))
+            # One norm kernel per variable: `window.squared_norm`'s keras.ops
+            # take five dispatches per variable, eager.
+            norms = [
+                torch.linalg.vector_norm(gradient, dtype=torch.float32)
+                for gradient in gradients
+                if gradient is not None
+            ]
+            sq_norm = float(torch.stack(norms).square().sum())
             if scale is not None:
                 sq_norm = sq_norm / float(scale) ** 2
             meter.weighted_sq_norms.value.add_(weight * sq_norm)
