@@ -246,6 +246,26 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             return 0
         return round(self._window_counts()[0])
 
+    def _build_accumulation_state(self) -> None:
+        """Creates the window (and meter) for the trainable variables in use.
+
+        Called before training traces its step and when saved state is
+        loaded; a no-op while the variables are those the state is for.
+        """
+        with self._state_scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+            if not self._state_needs_building():
+                return
+            if self._accumulation is not None:
+                # The traced functions captured (or index) the old state.
+                self.train_function = None
+                self._apply_function = None
+            self._accumulation, self._noise_scale = self._new_state(
+                self.trainable_variables
+            )
+        self._accumulated_variable_ids = [id(v) for v in self.trainable_variables]
+
     def _state_needs_building(self) -> bool:
         """Whether the state must be (re)built for the trainable variables now.
 
@@ -370,6 +390,11 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         # the same thing to any optimizer. Only the traced function that
         # captured the old optimizer goes.
         self._apply_function = None
+
+    def make_train_function(self, force: bool = False):
+        if self.built:
+            self._build_accumulation_state()
+        return super().make_train_function(force)
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
         # Keras skips compiling on load when `compile` is overridden; ours

@@ -142,11 +142,6 @@ class Accumulation:
                 if self._noise_scale is not None:
                     self.distribute_strategy.run(self._noise_scale.reset_window)
 
-    def make_train_function(self, force: bool = False):
-        if self.built:
-            self._build_accumulation_state()
-        return super().make_train_function(force)
-
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None):
         strategy = self._distribute_strategy
         if (
@@ -164,21 +159,15 @@ class Accumulation:
             return
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
-    def _build_accumulation_state(self) -> None:
-        with self.distribute_strategy.scope():
-            if self.optimizer is not None and not self.optimizer.built:
-                self.optimizer.build(self.trainable_variables)
-            if not self._state_needs_building():
-                return
-            if self._accumulation is not None:
-                self.train_function = None
-                self._apply_function = None
-            self._accumulation = GradientAccumulator(
-                self.trainable_variables, window_size=self._window_size_value()
-            )
-            if self._measure_noise_scale:
-                self._noise_scale = NoiseScaleMeter()
-        self._accumulated_variable_ids = _ids(self.trainable_variables)
+    def _state_scope(self) -> Any:
+        # Under a strategy the state is per replica: created in its scope.
+        return self.distribute_strategy.scope()
+
+    def _new_state(
+        self, variables: list[Any]
+    ) -> tuple[GradientAccumulator, NoiseScaleMeter | None]:
+        meter = NoiseScaleMeter() if self._measure_noise_scale else None
+        return GradientAccumulator(variables, self._window_size_value()), meter
 
     def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any):
         # As Keras does for train_function: a SavedModel must not trace the

@@ -15,6 +15,7 @@ model's weights.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,10 +127,6 @@ class NoiseVariables:
         )
 
 
-def _ids(variables: Sequence[Any]) -> list[int]:
-    return [id(variable) for variable in variables]
-
-
 class VariableAccumulation:
     """What JAX and PyTorch share: the state's life cycle and eager applies.
 
@@ -165,24 +162,14 @@ class VariableAccumulation:
     def _assign_saved(self, variable: keras.Variable, value: Any) -> None:
         variable.assign(value)
 
-    def make_train_function(self, force: bool = False):
-        if self.built:
-            self._build_accumulation_state()
-        return super().make_train_function(force)
+    def _state_scope(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
-    def _build_accumulation_state(self) -> None:
-        if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
-        if not self._state_needs_building():
-            return
-        if self._accumulation is not None:
-            # The train step reads the state by position: retrace it.
-            self.train_function = None
-        self._accumulation = WindowVariables(
-            self.trainable_variables, self._window_size_value()
-        )
-        self._noise_scale = NoiseVariables() if self._measure_noise_scale else None
-        self._accumulated_variable_ids = _ids(self.trainable_variables)
+    def _new_state(
+        self, variables: Sequence[Any]
+    ) -> tuple[WindowVariables, NoiseVariables | None]:
+        meter = NoiseVariables() if self._measure_noise_scale else None
+        return WindowVariables(variables, self._window_size_value()), meter
 
     def _apply_open_window(self) -> None:
         self._sync_state()
