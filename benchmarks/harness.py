@@ -258,8 +258,8 @@ class Instances:
     Two identically built models differ by up to 9% in epoch time on this
     machine, persistently (where their buffers landed), which is more than
     most differences measured here. Round ``i`` times instance ``i % K`` of
-    every variant, so paired ratios compare like with like and the median
-    over rounds spans K placements instead of resting on one.
+    every variant, so the median of the per-round ratios spans K placements
+    of each variant instead of resting on one.
     """
 
     def __init__(self, models: Sequence[Any], dataset: Any, warm_up_data: Any):

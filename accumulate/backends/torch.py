@@ -60,11 +60,10 @@ class Accumulation(VariableAccumulation):
     @torch.compiler.disable
     @torch.no_grad()
     def _fold_in(self, gradients: list[Any], weight: Any, scale: Any) -> None:
-        # The window's bookkeeping reads its counts on the host (as the
-        # window's `if`s are, `accumulate.window`), so it always runs eagerly:
-        # under torch.compile (jit_compile=True) dynamo took reads of the
-        # state variables for constants and made wrong updates (caught by
-        # tests/test_conformance.py).
+        # Never compiled: the bookkeeping branches on host reads of the
+        # counters, and under torch.compile (jit_compile=True) dynamo took
+        # those reads for constants and made wrong updates (caught by
+        # tests/test_conformance.py's jit_compile cases).
         state = self._accumulation
         state.micro_batches_this_epoch.value.add_(1)
         weight = float(weight)
@@ -83,7 +82,7 @@ class Accumulation(VariableAccumulation):
     def _add_micro_batch(self, gradients: list[Any], weight: float, scale: Any) -> None:
         # `accumulate.window.add`'s arithmetic, in place: one `add_` per
         # variable instead of the pure version's three temporaries and a copy
-        # (at N=8: 1.107x plain fit before, 1.055x after; docs/performance.md).
+        # (measured in docs/performance.md, "On PyTorch").
         if not weight > 0.0:  # also NaN: a micro-batch of weight 0 adds nothing
             return
         state = self._accumulation
