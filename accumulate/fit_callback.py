@@ -46,19 +46,17 @@ class EpochBoundaries(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         model = self._accumulating_model
-        model._begin_epoch(epoch)
         state = model._accumulation
         first_epoch_of_fit, self._first_epoch_of_fit = self._first_epoch_of_fit, False
-        if state is None:
-            return
-        if first_epoch_of_fit:
+        already_done = 0
+        if state is not None and first_epoch_of_fit:
             already_done = int(state.micro_batches_this_epoch.numpy())
-            if already_done:
-                model.train_function = _skipping(
-                    model, model.train_function, already_done
-                )
-                return
-        state.start_epoch()
+        # A restored epoch keeps what it restored: the noise meter's sums too.
+        model._begin_epoch(epoch, resuming=already_done > 0)
+        if already_done:
+            model.train_function = _skipping(model, model.train_function, already_done)
+        elif state is not None:
+            state.start_epoch()
 
     def on_test_begin(self, logs: Any = None) -> None:
         # Only reached from fit's validation: this callback is fit's own.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import numbers
 import sys
 from typing import Any
@@ -14,10 +15,17 @@ from keras.src.backend import get_keras_mask
 from keras.src.models.functional import Functional
 
 from accumulate.fit_callback import with_epoch_boundaries
+from accumulate.options import check_keywords
 from accumulate.schedule import EPOCH, AccumulationSchedule
 
 _STATE_KEY = "accumulation_state_"
 _NOISE_STATE_KEY = "noise_scale_state_"
+# Where the schedule stands: the schedule as JSON bytes, and the epoch with
+# the window size in effect (0 for "epoch"). Python values, saved beside the
+# variables so that a callback's set_accumulation_steps survives a backup.
+_SCHEDULE_KEY = "accumulation_schedule_"
+_POSITION_KEY = "accumulation_position_"
+_SAVED_PREFIXES = (_STATE_KEY, _NOISE_STATE_KEY, _SCHEDULE_KEY, _POSITION_KEY)
 # Frames between Keras's cloning function and our constructor: type.__call__
 # adds none, a subclass's own __init__ one each.
 _CLONE_FRAME_SEARCH_DEPTH = 6
@@ -86,7 +94,8 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             `noise_scale` for the estimator and its assumptions). Needs
             windows of at least 2 micro-batches.
         *args, **kwargs: as for `keras.Model` (functional ``inputs, outputs``
-            or nothing when subclassing).
+            or nothing when subclassing). A keyword Keras would silently drop,
+            or a near-miss of one of the options above, raises `ValueError`.
 
     Micro-batches of weight 0 (no samples, or only padding under a Keras
     mask) count for nothing: they add nothing, are not one of the window's N,
@@ -111,6 +120,8 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
     but they are saved and restored with the model's state (``.keras`` files,
     ``save_weights``, `keras.callbacks.BackupAndRestore`,
     ``tf.train.Checkpoint``), so a run restored mid-window continues exactly.
+    So are the schedule (as a callback last set it) and the epoch it is at,
+    except in a ``tf.train.Checkpoint``, which holds variables only.
 
     Example:
         >>> import keras, numpy as np
@@ -149,6 +160,7 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         measure_noise_scale: bool = False,
         **kwargs: Any,
     ):
+        check_keywords(kwargs, functional=_is_functional_call(args, kwargs))
         super().__init__(*args, **kwargs)
         # The backend's window state (and noise-scale meter), made when the
         # model's variables exist.
@@ -231,12 +243,16 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             accumulation_steps, self._flush_at_epoch_end, self._measure_noise_scale
         )
 
-    def _begin_epoch(self, epoch: int) -> None:
-        """Puts the schedule's window size for ``epoch`` into effect."""
+    def _begin_epoch(self, epoch: int, resuming: bool = False) -> None:
+        """Puts the schedule's window size for ``epoch`` into effect.
+
+        ``resuming``: the epoch was begun before and restored mid-way, so the
+        noise meter keeps the sums it was restored with.
+        """
         self._epoch = epoch
         self._window_size = self._schedule.at_epoch(epoch)
         self._write_window_size()
-        if self._noise_scale is not None:
+        if self._noise_scale is not None and not resuming:
             self._noise_scale.start_epoch()
 
     @property
@@ -253,9 +269,13 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         loaded; a no-op while the variables are those the state is for.
         """
         with self._state_scope():
+            # Checked first: a refusal must leave an unbuilt optimizer
+            # unbuilt, for apply_accumulated_gradients to build it for the
+            # window's variables.
+            needs_building = self._state_needs_building()
             if self.optimizer is not None and not self.optimizer.built:
                 self.optimizer.build(self.trainable_variables)
-            if not self._state_needs_building():
+            if not needs_building:
                 return
             if self._accumulation is not None:
                 # The traced functions captured (or index) the old state.
@@ -285,6 +305,7 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
                 "variables they were accumulated for "
                 "(model.apply_accumulated_gradients()) or discard them "
                 "(model.reset_accumulated_gradients()), then train on."
+                + _backend.AFTER_TRAINABLE_CHANGED
             )
         return True
 
@@ -404,6 +425,9 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any):
+        # Refused before Keras builds anything (the optimizer, on JAX) while
+        # a window is open for other variables than the trainable ones.
+        self._state_needs_building()
         # While fitting, set_accumulation_steps waits for the next epoch.
         self._fitting = True
         try:
@@ -412,6 +436,10 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             )
         finally:
             self._fitting = False
+
+    def train_on_batch(self, *args: Any, **kwargs: Any):
+        self._state_needs_building()  # as in fit
+        return super().train_on_batch(*args, **kwargs)
 
     # -- Serialisation -------------------------------------------------------------
 
@@ -439,13 +467,19 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         for prefix, variables in self._state_to_save().items():
             for index, variable in enumerate(variables):
                 store[f"{prefix}{index}"] = variable.numpy()
+        schedule = json.dumps(self._schedule.config).encode()
+        store[_SCHEDULE_KEY] = np.frombuffer(schedule, np.uint8)
+        store[_POSITION_KEY] = np.array(
+            [self._epoch, self._window_size_value()], np.int64
+        )
 
     def load_own_variables(self, store: Any) -> None:
         keys = list(store.keys())
-        prefixes = (_STATE_KEY, _NOISE_STATE_KEY)
         super().load_own_variables(
-            {key: store[key] for key in keys if not key.startswith(prefixes)}
+            {key: store[key] for key in keys if not key.startswith(_SAVED_PREFIXES)}
         )
+        if _SCHEDULE_KEY in keys:
+            self._restore_schedule(store[_SCHEDULE_KEY], store[_POSITION_KEY])
         if not any(key.startswith(_STATE_KEY) for key in keys):
             return
         self._build_accumulation_state()
@@ -463,6 +497,16 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             for index, variable in enumerate(variables):
                 # np.asarray: keras 3.10's H5 store hands back h5py datasets.
                 self._assign_saved(variable, np.asarray(store[f"{prefix}{index}"]))
+
+    def _restore_schedule(self, schedule: Any, position: Any) -> None:
+        """The saved schedule, epoch and window size put back into effect."""
+        # np.asarray: keras 3.10's H5 store hands back h5py datasets.
+        config = json.loads(np.asarray(schedule, np.uint8).tobytes().decode())
+        epoch, window_size = (int(value) for value in np.asarray(position))
+        self._schedule = AccumulationSchedule(config)
+        self._epoch = epoch
+        self._window_size = EPOCH if window_size == 0 else window_size
+        self._write_window_size()
 
     def _state_to_save(self) -> dict[str, list[Any]]:
         state = {}

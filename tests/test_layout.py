@@ -150,6 +150,7 @@ def test_the_library_is_the_expected_modules():
         "accumulate.model",
         "accumulate.noise_scale",
         "accumulate.schedule",
+        "accumulate.options",
         "accumulate.twins",
         "accumulate.window",
     }

@@ -26,6 +26,13 @@ from keras import ops
 from accumulate import noise_scale, window
 from accumulate.backends.variables import VariableAccumulation
 
+# What the trainable-variables-changed error adds on this backend.
+AFTER_TRAINABLE_CHANGED = (
+    " On JAX, compile() again before the next fit, as any Keras model needs "
+    "after `trainable` changed: the optimizer updates exactly the variables "
+    "it was built with."
+)
+
 
 def batch_size(x: Any) -> Any:
     """The micro-batch's number of samples (static under `jax.jit`)."""
@@ -88,6 +95,8 @@ class Accumulation(VariableAccumulation):
     def train_step(self, state: tuple, data: Any) -> tuple[dict, tuple]:
         trainable, non_trainable, optimizer_values, metrics_values = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if batch_size(x) == 0:
+            return self._empty_step(state)
         gradient_function = jax.value_and_grad(self._loss_and_weight, has_aux=True)
         (_, aux), gradients = gradient_function(
             trainable,
@@ -169,3 +178,35 @@ class Accumulation(VariableAccumulation):
             metrics_values, unscaled_loss, x, y, y_pred, sample_weight
         )
         return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+    def _empty_step(self, state: tuple) -> tuple[dict, tuple]:
+        """A micro-batch of 0 samples: counted as drawn, nothing else moves.
+
+        Its loss has no gradient (JAX refuses a 0-sample loss), and it would
+        add nothing to the window anyway. The batch size is static under
+        `jax.jit`, so this is a separate trace, not a branch.
+        """
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        position = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
+        place = position[id(self._accumulation.micro_batches_this_epoch)]
+        non_trainable = list(non_trainable)
+        non_trainable[place] = non_trainable[place] + 1
+        mapping = list(zip(self.metrics_variables, metrics_values, strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            logs = self.get_metrics_result()
+        return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+    def _optimizer_apply(self, gradients: list[Any], variables: list[Any]) -> None:
+        # Outside the jitted step, as Keras's JAX trainer applies inside it:
+        # statelessly. LossScaleOptimizer's stateful apply assigns inside a
+        # jax.lax.cond on JAX and leaks tracers (mixed_float16).
+        optimizer = self.optimizer
+        new_values, optimizer_values = optimizer.stateless_apply(
+            [variable.value for variable in optimizer.variables],
+            gradients,
+            [variable.value for variable in variables],
+        )
+        for variable, value in zip(variables, new_values, strict=True):
+            variable.assign(value)
+        for variable, value in zip(optimizer.variables, optimizer_values, strict=True):
+            variable.assign(value)

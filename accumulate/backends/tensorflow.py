@@ -17,6 +17,9 @@ import tensorflow as tf
 from accumulate import distributed, noise_scale, window
 from accumulate.accumulator import GradientAccumulator, NoiseScaleMeter
 
+# What the trainable-variables-changed error adds on this backend.
+AFTER_TRAINABLE_CHANGED = ""
+
 
 def batch_size(x: Any) -> tf.Tensor:
     """The micro-batch's number of samples (dynamic: batches may be ragged)."""

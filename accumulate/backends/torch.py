@@ -18,6 +18,9 @@ import torch
 
 from accumulate.backends.variables import VariableAccumulation
 
+# What the trainable-variables-changed error adds on this backend.
+AFTER_TRAINABLE_CHANGED = ""
+
 
 def batch_size(x: Any) -> int:
     """The micro-batch's number of samples."""
@@ -36,6 +39,11 @@ class Accumulation(VariableAccumulation):
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if batch_size(x) == 0:
+            # No samples: nothing to add, and a 0-sample loss has no
+            # gradient (backward refuses it). Counted as drawn, for resume.
+            self._accumulation.micro_batches_this_epoch.value.add_(1)
+            return self.get_metrics_result()
         training = {"training": True} if self._call_has_training_arg else {}
         y_pred = self(x, **training)
         # Before the loss: a model whose outputs no single weight fits fails
