@@ -503,7 +503,10 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         # np.asarray: keras 3.10's H5 store hands back h5py datasets.
         config = json.loads(np.asarray(schedule, np.uint8).tobytes().decode())
         epoch, window_size = (int(value) for value in np.asarray(position))
-        self._schedule = AccumulationSchedule(config)
+        # Validated against this model's options, as set_accumulation_steps is.
+        self._configure_accumulation(
+            config, self._flush_at_epoch_end, self._measure_noise_scale
+        )
         self._epoch = epoch
         self._window_size = EPOCH if window_size == 0 else window_size
         self._write_window_size()

@@ -125,6 +125,19 @@ def test_a_weights_file_carries_a_schedule_set_after_construction(tmp_path):
     assert second.current_accumulation_steps == 2  # epoch 0 is where it was
 
 
+def test_a_saved_schedule_this_model_cannot_run_is_refused(tmp_path):
+    """"epoch" needs the flush: loading it into a flush=False model raises."""
+    _, first = twins("epoch", "sgd")
+    x, y, _ = data(8, seed=23)
+    first.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    path = tmp_path / "epoch.weights.h5"
+    first.save_weights(path)
+    carrying = twins(2, "sgd", flush=False)[1]
+    carrying.optimizer.build(carrying.trainable_variables)
+    with pytest.raises(ValueError, match="flush_at_epoch_end=False"):
+        carrying.load_weights(path)
+
+
 # -- The noise scale's epoch sums ----------------------------------------------
 
 
