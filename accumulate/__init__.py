@@ -19,6 +19,7 @@ __all__ = [
     "GradientAccumulator",
     "__version__",
     "build_mlp",
+    "enable_accumulation",
     "make_twins",
     "validate_accumulation_steps",
 ]
@@ -31,12 +32,14 @@ _LAZY = {
     "AccumulatingModel": "accumulate.model",
     "GradientAccumulator": "accumulate.accumulator",
     "build_mlp": "accumulate.twins",
+    "enable_accumulation": "accumulate.enabling",
     "make_twins": "accumulate.twins",
     "validate_accumulation_steps": "accumulate.schedule",
 }
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from accumulate.accumulator import GradientAccumulator
+    from accumulate.enabling import enable_accumulation
     from accumulate.model import AccumulatingModel
     from accumulate.schedule import validate_accumulation_steps
     from accumulate.twins import build_mlp, make_twins

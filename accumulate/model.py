@@ -15,6 +15,7 @@ from keras.src.backend import get_keras_mask
 from keras.src.models.functional import Functional
 
 from accumulate.fit_callback import with_epoch_boundaries
+from accumulate import reduction
 from accumulate.options import check_keywords
 from accumulate.schedule import EPOCH, AccumulationSchedule
 
@@ -135,6 +136,11 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         2
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("_enabled_from") and _foreign_models(cls):
+            raise TypeError(_combined_class_message(cls))
+
     def __new__(cls, *args: Any, **kwargs: Any):
         if _is_functional_call(args, kwargs):
             if cls is not AccumulatingModel and not issubclass(
@@ -162,6 +168,17 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
     ):
         check_keywords(kwargs, functional=_is_functional_call(args, kwargs))
         super().__init__(*args, **kwargs)
+        self._init_accumulation(
+            accumulation_steps, flush_at_epoch_end, measure_noise_scale
+        )
+
+    def _init_accumulation(
+        self,
+        accumulation_steps: Any,
+        flush_at_epoch_end: bool,
+        measure_noise_scale: bool,
+    ) -> None:
+        """The accumulation options and empty state of a new (or enabled) model."""
         # The backend's window state (and noise-scale meter), made when the
         # model's variables exist.
         self._accumulation: Any = None
@@ -354,58 +371,52 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
     ) -> Any:
         """The weight of one micro-batch in its window: its loss's denominator.
 
-        Keras's default loss reduction (``"sum_over_batch_size"``) divides
-        the summed loss by the number of samples, or, when the model's output
-        carries a Keras mask (``Embedding(mask_zero=True)``, ``Masking``), by
-        the number of unmasked entries. Weighting each micro-batch by that
-        denominator is what makes the accumulated gradient equal the big
-        batch's, so the default returns the number of samples, or of unmasked
-        entries for a masked output. A subclass whose loss divides by
-        something else returns that instead.
+        The window's gradient is the micro-batches' gradients weighted by
+        this and divided by its sum, which is the big batch's gradient when
+        the weight is what the micro-batch's loss divides by. The default
+        reads it from the compiled loss's ``reduction`` (see `reduction`):
 
-        With several outputs, each loss has its own denominator and one
-        weight per micro-batch can only be exact if they agree: outputs
-        without masks all divide by the number of samples; masked outputs
-        must hold the same number of unmasked entries (checked when the step
-        runs). Mixing masked and unmasked outputs raises a `ValueError`.
+        * ``"sum_over_batch_size"`` (Keras's default) and ``"mean"``: the
+          number of loss elements (samples, or tokens for a per-token loss),
+          or of unmasked entries when the output carries a Keras mask
+          (``Embedding(mask_zero=True)``, ``Masking``);
+        * ``"mean_with_sample_weight"``: the sum of the sample weights (times
+          the mask), or the number of elements without sample weights;
+        * ``"sum"``: the window's gradient is the sum of its micro-batches',
+          not divided; the weight (the number of samples) only says whether
+          the micro-batch holds anything.
+
+        ``reduction=None`` raises `ValueError`, as do outputs whose losses
+        divide by counts that no single weight follows (mixed reductions, a
+        masked and an unmasked output, masked outputs with different counts,
+        checked when the step runs). A loss Keras does not compile (an
+        overridden ``compute_loss``, ``add_loss``) is taken to divide by the
+        number of samples. Override this method to return what your loss
+        divides by: a scalar per micro-batch, > 0 for a micro-batch that
+        counts (under ``"sum"``, any value > 0).
         """
-        del y, sample_weight
-        masks = [get_keras_mask(output) for output in keras.tree.flatten(y_pred)]
-        if all(mask is None for mask in masks):
-            return _backend.batch_size(x)
-        if any(mask is None for mask in masks):
-            raise ValueError(
-                "Some of the model's outputs carry a Keras mask and some do "
-                "not: their losses divide by different counts (unmasked "
-                "entries, samples), so no single weight per micro-batch makes "
-                "accumulation exact. Override micro_batch_weight(), or give "
-                "every output the same mask."
-            )
-        counts = [ops.sum(ops.cast(mask, "float32")) for mask in masks]
-        _backend.assert_equal_counts(
-            counts,
-            "The model's masked outputs hold different numbers of unmasked "
-            "entries in this micro-batch; their losses divide by different "
-            "counts, so no single weight per micro-batch makes accumulation "
-            "exact. Override micro_batch_weight().",
-        )
-        return counts[0]
+        del y
+        return reduction.window_weight(self, x, y_pred, sample_weight, _backend)
+
+    def _sums_window(self) -> bool:
+        """Whether the loss is a sum, so the window adds gradients undivided."""
+        return reduction.sums_window(self)
+
+    def _window_divisor(self, samples: Any) -> Any:
+        """What the window's weighted sums are divided by when applied."""
+        return ops.ones_like(samples) if self._sums_window() else samples
 
     # -- Keras integration -------------------------------------------------------
 
-    def compile(self, optimizer: Any = "rmsprop", *args: Any, **kwargs: Any) -> None:
-        optimizer = keras.optimizers.get(optimizer)
-        inner_optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-        keras_steps = getattr(inner_optimizer, "gradient_accumulation_steps", None)
-        if keras_steps:
-            raise ValueError(
-                "The optimizer has Keras's own gradient accumulation enabled "
-                f"(gradient_accumulation_steps={keras_steps}); AccumulatingModel "
-                "already accumulates, so the gradients would be accumulated "
-                "twice. Create the optimizer with gradient_accumulation_steps="
-                "None and set AccumulatingModel(accumulation_steps=...) instead."
-            )
-        super().compile(optimizer, *args, **kwargs)
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        # Checked before and after the class's own compile: before for an
+        # optimizer given as an object, after for one a task's compile
+        # chose (optimizer="auto"), since compiling never trains.
+        given = args[0] if args else kwargs.get("optimizer")
+        if isinstance(given, keras.optimizers.Optimizer):
+            _refuse_keras_accumulation(given)
+        super().compile(*args, **kwargs)
+        _refuse_keras_accumulation(self.optimizer)
         # A pending window is kept and applied by the new optimizer: its sums
         # are plain (unscaled) gradients at the current weights, so they mean
         # the same thing to any optimizer. Only the traced function that
@@ -458,7 +469,9 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             "flush_at_epoch_end": config.pop("flush_at_epoch_end", True),
             "measure_noise_scale": config.pop("measure_noise_scale", False),
         }
-        model = super().from_config(config, custom_objects=custom_objects)
+        # KerasHub's Task.from_config takes the config only.
+        extra = {} if custom_objects is None else {"custom_objects": custom_objects}
+        model = super().from_config(config, **extra)
         model._configure_accumulation(**options)
         return model
 
@@ -518,6 +531,44 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         if self._noise_scale is not None:
             state[_NOISE_STATE_KEY] = self._noise_scale.variables_to_save
         return state
+
+
+def _refuse_keras_accumulation(optimizer: Any) -> None:
+    inner_optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    keras_steps = getattr(inner_optimizer, "gradient_accumulation_steps", None)
+    if keras_steps:
+        raise ValueError(
+            "The optimizer has Keras's own gradient accumulation enabled "
+            f"(gradient_accumulation_steps={keras_steps}); AccumulatingModel "
+            "already accumulates, so the gradients would be accumulated "
+            "twice. Create the optimizer with gradient_accumulation_steps="
+            "None and set AccumulatingModel(accumulation_steps=...) instead."
+        )
+
+
+def _foreign_models(cls: type) -> list[type]:
+    """The Keras model classes ``cls`` inherits from besides our own."""
+    return [
+        base
+        for base in cls.__mro__
+        if issubclass(base, keras.Model)
+        and not issubclass(base, AccumulatingModel)
+        and base not in (keras.Model, Functional)
+    ]
+
+
+def _combined_class_message(cls: type) -> str:
+    other = _foreign_models(cls)[0].__name__
+    return (
+        f"class {cls.__name__} combines AccumulatingModel with another Keras "
+        f"model class, {other}. In either order this is refused: a model "
+        "class that builds itself from inputs and outputs (every KerasHub "
+        "task) makes Keras rewrite the base classes of every class above it "
+        "for the whole process, AccumulatingModel's included, and one that "
+        "overrides train_step would silently replace accumulation. Build the "
+        f"model as it is and make it accumulate instead: model = "
+        f"accumulate.enable_accumulation({other}(...), accumulation_steps=N)."
+    )
 
 
 @keras.saving.register_keras_serializable(

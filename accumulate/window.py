@@ -58,17 +58,20 @@ def add(
     gradients: Sequence[Any],
     weight: Any,
     gradient_scale: Any = None,
+    summed: bool = False,
 ) -> tuple[list[Any], Any, Any]:
     """The window with one micro-batch of ``weight`` folded in.
 
     ``gradient_scale`` is what the gradients are multiplied by (a loss
     scale): they are stored divided by it, so that the window can be applied
     with whatever scale the optimizer has by then. A micro-batch of weight 0
-    adds nothing and is not counted.
+    adds nothing and is not counted. ``summed``: the loss is a sum, so the
+    gradients are added as they are (the weight only counts).
     """
     weight = ops.cast(weight, "float32")
     counts = weight > 0.0
-    factor = weight if gradient_scale is None else weight / gradient_scale
+    factor = ops.ones_like(weight) if summed else weight
+    factor = factor if gradient_scale is None else factor / gradient_scale
     new_sums = []
     for gradient_sum, gradient in zip(sums, gradients, strict=True):
         if gradient is None:

@@ -123,7 +123,13 @@ class Accumulation(VariableAccumulation):
         scale = self._stateless_loss_scale(optimizer_values)
         this_epoch = this_epoch + 1
         sums, samples, steps = window.add(
-            sums, samples, steps, gradients, weight, gradient_scale=scale
+            sums,
+            samples,
+            steps,
+            gradients,
+            weight,
+            gradient_scale=scale,
+            summed=self._sums_window(),
         )
         if noise:
             sq_norm = window.squared_norm(gradients)
@@ -133,7 +139,11 @@ class Accumulation(VariableAccumulation):
 
         def apply_window(operands: tuple) -> tuple:
             trainable, optimizer_values, sums, samples, steps, noise = operands
-            mean = window.mean(sums, samples, self._accumulation.variable_dtypes)
+            mean = window.mean(
+                sums,
+                self._window_divisor(samples),
+                self._accumulation.variable_dtypes,
+            )
             if noise:
                 noise = [
                     ops.zeros_like(noise[0]),

@@ -55,7 +55,9 @@ class Accumulation:
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        replicas = self.distribute_strategy.num_replicas_in_sync
+        summed = self._sums_window()
+        # Keras divides a mean loss by the number of replicas (not a sum).
+        replicas = 1 if summed else self.distribute_strategy.num_replicas_in_sync
         with tf.GradientTape() as tape:
             training = {"training": True} if self._call_has_training_arg else {}
             y_pred = self(x, **training)
@@ -82,7 +84,11 @@ class Accumulation:
         weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
         scale = self._loss_scale()
         state.add(
-            gradients, weight, gradient_scale=scale, noise_meter=self._noise_scale
+            gradients,
+            weight,
+            gradient_scale=scale,
+            noise_meter=self._noise_scale,
+            summed=summed,
         )
         distributed.cond_in_cross_replica_context(
             state.window_is_complete(), self._apply_window, self.optimizer
@@ -105,7 +111,9 @@ class Accumulation:
             state.gradient_sum_values(),
             [state.samples.read_value(), *(meter.window_totals() if meter else [])],
         )
-        gradients = state.mean_gradients(total_samples, gradient_sums)
+        gradients = state.mean_gradients(
+            self._window_divisor(total_samples), gradient_sums
+        )
         if meter is not None:
             meter.end_window(
                 noise_scale.squared_norm(gradients), total_samples, noise_totals

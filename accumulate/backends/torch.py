@@ -94,7 +94,8 @@ class Accumulation(VariableAccumulation):
         if not weight > 0.0:  # also NaN: a micro-batch of weight 0 adds nothing
             return
         state = self._accumulation
-        factor = weight if scale is None else weight / float(scale)
+        factor = 1.0 if self._sums_window() else weight
+        factor = factor if scale is None else factor / float(scale)
         for gradient_sum, gradient in zip(state.gradient_sums, gradients, strict=True):
             if gradient is not None:
                 total = gradient_sum.value

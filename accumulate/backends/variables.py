@@ -181,7 +181,7 @@ class VariableAccumulation:
         samples = state.samples.value
         gradients = window.mean(
             [gradient_sum.value for gradient_sum in state.gradient_sums],
-            samples,
+            self._window_divisor(samples),
             state.variable_dtypes,
         )
         meter = self._noise_scale
