@@ -11,11 +11,10 @@ from typing import Any
 import keras
 import numpy as np
 from keras import ops
-from keras.src.backend import get_keras_mask
 from keras.src.models.functional import Functional
 
-from accumulate.fit_callback import with_epoch_boundaries
 from accumulate import reduction
+from accumulate.fit_callback import with_epoch_boundaries
 from accumulate.options import check_keywords
 from accumulate.schedule import EPOCH, AccumulationSchedule
 

@@ -63,6 +63,20 @@ def sums_window(model: keras.Model) -> bool:
     return bool(reductions) and all(reduction == SUM for reduction in reductions)
 
 
+def _regularised(model: keras.Model) -> bool:
+    """Whether the model has weight or activity regularisers.
+
+    Read from its structure, not from ``model.losses``, which JAX's traced
+    step cannot read.
+    """
+    if any(variable.regularizer is not None for variable in model.trainable_variables):
+        return True
+    return any(
+        getattr(layer, "activity_regularizer", None) is not None
+        for layer in model._flatten_layers()
+    )
+
+
 def _check_reductions(model: keras.Model, reductions: list[str | None]) -> None:
     unknown = [r for r in reductions if r not in (*MEANS, SUM)]
     if unknown:
@@ -83,10 +97,10 @@ def _check_reductions(model: keras.Model, reductions: list[str | None]) -> None:
             "output's loss the same reduction."
         )
     if kinds == {SUM}:
-        if model.losses:
+        if _regularised(model):
             raise ValueError(
                 "The model's loss has reduction='sum' and the model has "
-                "regularisation losses (model.losses): every micro-batch's loss "
+                "regularisers: every micro-batch's loss "
                 "adds the regularisation once, the big batch's only once in "
                 "all, so the window would count it once per micro-batch. Use a "
                 "mean reduction (sum_over_batch_size or mean_with_sample_"

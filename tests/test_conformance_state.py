@@ -126,7 +126,7 @@ def test_a_weights_file_carries_a_schedule_set_after_construction(tmp_path):
 
 
 def test_a_saved_schedule_this_model_cannot_run_is_refused(tmp_path):
-    """"epoch" needs the flush: loading it into a flush=False model raises."""
+    """ "epoch" needs the flush: loading it into a flush=False model raises."""
     _, first = twins("epoch", "sgd")
     x, y, _ = data(8, seed=23)
     first.fit(x, y, batch_size=4, epochs=1, verbose=0)

@@ -15,11 +15,12 @@ keras_hub = pytest.importorskip("keras_hub")
 
 from accumulate import AccumulatingModel, enable_accumulation  # noqa: E402
 from accumulate.model import AccumulatingFunctional  # noqa: E402
-from tests.hub_tasks import LABELS, TASKS, TEXTS, causal_lm  # noqa: E402
 from tests.conftest import BACKEND  # noqa: E402
+from tests.hub_tasks import LABELS, TASKS, TEXTS, causal_lm  # noqa: E402
 from tests.oracle import random_data  # noqa: E402
 
-REDUCTIONS = ("sum_over_batch_size", "mean_with_sample_weight", "sum")
+MEAN_WITH_WEIGHTS = "mean_with_sample_weight"
+REDUCTIONS = ("sum_over_batch_size", MEAN_WITH_WEIGHTS, "sum")
 # Float32 round-off, relative to the size of the update.
 TOLERANCE = 1e-5
 
@@ -161,7 +162,9 @@ def test_a_masked_padded_window_is_exact_under_mean_with_sample_weight():
     targets = rng.integers(0, 5, size=(9, 7))
     # Keras weighs token losses by token: one weight per sample, repeated.
     weights = np.repeat(rng.uniform(0.1, 2.0, size=(9, 1)), 7, axis=1)
-    ours.fit(tokens, targets, sample_weight=weights, batch_size=3, shuffle=False, verbose=0)
+    ours.fit(
+        tokens, targets, sample_weight=weights, batch_size=3, shuffle=False, verbose=0
+    )
     plain.train_on_batch(tokens, targets, sample_weight=weights)
     assert int(ours.optimizer.iterations) == 1
     assert update_error(ours, plain, before) <= TOLERANCE
@@ -207,7 +210,8 @@ def test_a_kerashub_task_accumulates_exactly_from_raw_strings(
     data = _task_data(task, samples)
     x, y, weights = (*data, None, None)[:3]
     ours.fit(x, y, sample_weight=weights, batch_size=batch, shuffle=False, verbose=0)
-    plain.train_on_batch(x, y, sample_weight=weights)  # the task's preprocessor, on the whole window
+    # The task's preprocessor, on the whole window.
+    plain.train_on_batch(x, y, sample_weight=weights)
     assert int(ours.optimizer.iterations) == 1
     assert update_error(ours, plain, before) <= TOLERANCE
 
@@ -221,7 +225,7 @@ def test_lora_fine_tuning_accumulates_exactly():
     before = plain.get_weights()
     ours = enable_accumulation(ours, accumulation_steps=2)
     for model in (plain, ours):
-        model.compile(optimizer=_optimizer("adam"), loss=_loss("mean_with_sample_weight"))
+        model.compile(optimizer=_optimizer("adam"), loss=_loss(MEAN_WITH_WEIGHTS))
     ours.fit(TEXTS[:8], batch_size=4, shuffle=False, verbose=0)
     plain.train_on_batch(TEXTS[:8])
     assert len(ours.trainable_variables) < len(ours.weights) // 2
@@ -235,7 +239,7 @@ def test_a_task_saved_mid_window_loads_as_its_class_and_finishes_the_window(
         model = enable_accumulation(
             causal_lm(), accumulation_steps=4, flush_at_epoch_end=False
         )
-        model.compile(optimizer=_optimizer("adam"), loss=_loss("mean_with_sample_weight"))
+        model.compile(optimizer=_optimizer("adam"), loss=_loss(MEAN_WITH_WEIGHTS))
         return model
 
     uninterrupted, interrupted = enabled(), enabled()
