@@ -64,12 +64,15 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
     """A `keras.Model` that applies one exact update per window of micro-batches.
 
     Every batch that `fit` (or `train_on_batch`) feeds the model is a
-    micro-batch: its gradient is added, weighted by its number of samples, into
-    accumulators that live inside the compiled train function, and the
-    optimizer is applied to their mean once the window is complete. The
-    applied gradient is the gradient of the loss over every sample of the
-    window, as if they had been one batch: ragged batches, sample weights and
-    regularisation losses (``model.losses``) included.
+    micro-batch: its gradient is added, weighted by what its loss divides by
+    (its number of samples under Keras's default reduction; see
+    `micro_batch_weight`), into accumulators that live inside the compiled
+    train function, and the optimizer is applied to their weighted mean once
+    the window is complete. The applied gradient is the gradient of the loss
+    over every sample of the window, as if they had been one batch: ragged
+    batches, sample weights, masks, every loss reduction and regularisation
+    losses (``model.losses``) included. An existing model of any class
+    accumulates as it is with `accumulate.enable_accumulation`.
 
     Args:
         accumulation_steps: a positive int N, to apply every N micro-batches,
@@ -272,11 +275,16 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             self._noise_scale.start_epoch()
 
     @property
-    def samples_accumulated(self) -> int:
-        """Samples in the current, not yet applied window (all replicas)."""
+    def samples_accumulated(self) -> float:
+        """The current, not yet applied window's weight (all replicas).
+
+        Its number of samples under Keras's default reduction; what its loss
+        divides by under others (tokens, the sum of sample weights: see
+        `micro_batch_weight`).
+        """
         if self._accumulation is None:
             return 0
-        return round(self._window_counts()[0])
+        return self._window_counts()[0]
 
     def _build_accumulation_state(self) -> None:
         """Creates the window (and meter) for the trainable variables in use.

@@ -60,9 +60,13 @@ def _worker(replicas: int, out_path: str) -> None:  # pragma: no cover - subproc
         hidden = keras.layers.Dense(8, activation="tanh")(inputs)
         outputs = keras.layers.Dense(3, dtype="float32")(hidden)
         model = AccumulatingModel(inputs, outputs, accumulation_steps=steps, name="acc")
+        compile_kwargs = dict(compile_kwargs)
+        reduction = compile_kwargs.pop("reduction", "sum_over_batch_size")
         model.compile(
             optimizer=optimizer(),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction=reduction
+            ),
             **compile_kwargs,
         )
         return model
@@ -96,6 +100,8 @@ def _worker(replicas: int, out_path: str) -> None:  # pragma: no cover - subproc
         "steps=3 sgd": (3, 2, sgd, {}),
         "epoch sgd": ("epoch", 3, sgd, {}),
         "steps=4 adam+global_clipnorm": (4, 2, adam_clipped, {}),
+        # Keras divides a mean loss by the replicas, not a sum.
+        "steps=3 sgd reduction=sum": (3, 2, sgd, {"reduction": "sum"}),
     }
     strategies = dict.fromkeys(scenarios, mirrored)
     if replicas == 2:

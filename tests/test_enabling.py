@@ -170,6 +170,33 @@ def test_a_masked_padded_window_is_exact_under_mean_with_sample_weight():
     assert update_error(ours, plain, before) <= TOLERANCE
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_two_outputs_with_loss_weights_accumulate_exactly(reduction):
+    def model():
+        inputs = keras.Input((6,))
+        hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+        return keras.Model(
+            inputs, [keras.layers.Dense(3)(hidden), keras.layers.Dense(2)(hidden)]
+        )
+
+    plain, ours = model(), model()
+    ours.set_weights(plain.get_weights())
+    before = plain.get_weights()
+    ours = enable_accumulation(ours, accumulation_steps="epoch")
+    for each in (plain, ours):
+        each.compile(
+            optimizer=_optimizer("sgd"),
+            loss=[_loss(reduction), _loss(reduction)],
+            loss_weights=[0.3, 1.0],
+        )
+    x, y, weights = random_data(11, 6, 3)
+    targets = [y, y % 2]
+    ours.fit(x, targets, sample_weight=weights, batch_size=4, shuffle=False, verbose=0)
+    plain.train_on_batch(x, targets, sample_weight=weights)
+    assert int(ours.optimizer.iterations) == 1
+    assert update_error(ours, plain, before) <= TOLERANCE
+
+
 # -- KerasHub tasks, from raw strings ----------------------------------------------
 
 _TASK_CASES = [

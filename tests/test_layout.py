@@ -151,6 +151,8 @@ def test_the_library_is_the_expected_modules():
         "accumulate.noise_scale",
         "accumulate.schedule",
         "accumulate.options",
+        "accumulate.enabling",
+        "accumulate.reduction",
         "accumulate.twins",
         "accumulate.window",
     }
@@ -266,12 +268,14 @@ def test_import_accumulate_is_lazy_until_a_name_is_used():
 
 def test_public_names_resolve_to_the_library_objects():
     from accumulate.accumulator import GradientAccumulator
+    from accumulate.enabling import enable_accumulation
     from accumulate.model import AccumulatingModel
     from accumulate.schedule import validate_accumulation_steps
     from accumulate.twins import build_mlp, make_twins
 
     expected = {
         "AccumulatingModel": AccumulatingModel,
+        "enable_accumulation": enable_accumulation,
         "GradientAccumulator": GradientAccumulator,
         "build_mlp": build_mlp,
         "make_twins": make_twins,
