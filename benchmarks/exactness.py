@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))  # the tiny KerasHub tasks the tests build
 
 from accumulate import enable_accumulation  # noqa: E402
 from tests.hub_tasks import LABELS, TEXTS, causal_lm, text_classifier  # noqa: E402
+from tests.oracle import update_error  # noqa: E402
 
 REDUCTIONS = ("sum_over_batch_size", "mean_with_sample_weight", "sum")
 SAMPLES, MICRO_BATCH, MICRO_BATCHES = 10, 4, 3
@@ -63,17 +64,6 @@ ROUTES = {
 }
 
 
-def _norm(first: list, second: list) -> float:
-    return float(
-        np.sqrt(
-            sum(
-                np.sum(np.square(np.asarray(a, "float64") - b))
-                for a, b in zip(first, second, strict=True)
-            )
-        )
-    )
-
-
 def errors(build, data, reduction: str) -> dict[str, float]:
     """``{"ours": ..., "keras_builtin": ...}`` relative to one plain step."""
     x, y, weights = data()
@@ -92,8 +82,6 @@ def errors(build, data, reduction: str) -> dict[str, float]:
             loss=loss,
         )
     models["plain"].train_on_batch(x, y, sample_weight=weights)
-    target = models["plain"].get_weights()
-    step = _norm(target, start)
     result = {}
     for name in ("ours", "keras_builtin"):
         model = models[name]
@@ -105,7 +93,7 @@ def errors(build, data, reduction: str) -> dict[str, float]:
             shuffle=False,
             verbose=0,
         )
-        result[name] = _norm(model.get_weights(), target) / step
+        result[name] = update_error(model, models["plain"], start)
     return result
 
 

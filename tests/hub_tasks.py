@@ -14,6 +14,15 @@ import keras
 import keras_hub
 
 SEQUENCE_LENGTH = 16
+# One layer, width 16, no dropout: the same for both tasks.
+BACKBONE = {
+    "num_layers": 1,
+    "num_heads": 2,
+    "hidden_dim": 16,
+    "intermediate_dim": 32,
+    "max_sequence_length": SEQUENCE_LENGTH,
+    "dropout": 0.0,
+}
 
 TEXTS = [
     "the cat sat",
@@ -46,13 +55,7 @@ def causal_lm(seed: int = 0) -> keras_hub.models.GPT2CausalLM:
         tokenizer, sequence_length=SEQUENCE_LENGTH
     )
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=len(vocabulary),
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=SEQUENCE_LENGTH,
-        dropout=0.0,
+        vocabulary_size=len(vocabulary), **BACKBONE
     )
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
 
@@ -66,13 +69,7 @@ def text_classifier(seed: int = 0) -> keras_hub.models.BertTextClassifier:
         tokenizer, sequence_length=SEQUENCE_LENGTH
     )
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocabulary),
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=SEQUENCE_LENGTH,
-        dropout=0.0,
+        vocabulary_size=len(vocabulary), **BACKBONE
     )
     return keras_hub.models.BertTextClassifier(
         backbone=backbone, preprocessor=preprocessor, num_classes=2, dropout=0.0

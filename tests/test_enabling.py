@@ -17,7 +17,7 @@ from accumulate import AccumulatingModel, enable_accumulation  # noqa: E402
 from accumulate.model import AccumulatingFunctional  # noqa: E402
 from tests.conftest import BACKEND  # noqa: E402
 from tests.hub_tasks import LABELS, TASKS, TEXTS, causal_lm  # noqa: E402
-from tests.oracle import random_data  # noqa: E402
+from tests.oracle import random_data, update_error  # noqa: E402
 
 MEAN_WITH_WEIGHTS = "mean_with_sample_weight"
 REDUCTIONS = ("sum_over_batch_size", MEAN_WITH_WEIGHTS, "sum")
@@ -39,27 +39,6 @@ def no_library_class_changes():
     yield
     causal_lm()
     assert [(cls.__bases__, cls.__mro__) for cls in classes] == before
-
-
-def update_error(ours: keras.Model, plain: keras.Model, before: list) -> float:
-    """``|ours - plain| / |plain - before|`` over all weights (L2 norms).
-
-    The plain step's size is the scale: an error relative to the update.
-    """
-
-    def norm(first: list, second: list) -> float:
-        return float(
-            np.sqrt(
-                sum(
-                    np.sum(np.square(np.asarray(a, "float64") - b))
-                    for a, b in zip(first, second, strict=True)
-                )
-            )
-        )
-
-    change = norm(plain.get_weights(), before)
-    assert change > 0.0
-    return norm(ours.get_weights(), plain.get_weights()) / change
 
 
 def _optimizer(name: str) -> keras.optimizers.Optimizer:
