@@ -140,7 +140,7 @@ class GradientAccumulator(tf.Module):
         """
         self.connected = [gradient is not None for gradient in gradients]
         weight = tf.cast(weight, tf.float32)
-        counts = weight > 0.0
+        counts = window.counts(weight)
         factor = tf.ones_like(weight) if summed else weight
         factor = factor if gradient_scale is None else factor / gradient_scale
 
@@ -295,7 +295,7 @@ class NoiseScaleMeter(tf.Module):
     ) -> None:
         """Adds ``weight · |g|²`` for one micro-batch of mean gradient ``g``.
 
-        For a micro-batch that counts (``weight > 0``):
+        For a micro-batch that counts (`window.counts`):
         `GradientAccumulator.add` calls it in its branch for those. One
         ``L2Loss`` kernel per variable, on the flattened gradient: the fewest
         graph ops, and XLA:CPU reduces a vector about 3x faster than a matrix

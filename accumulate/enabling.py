@@ -62,7 +62,9 @@ def enable_accumulation(
     and reset, and every guarantee. Each window's update is the big batch's
     under the compiled loss's reduction (see
     `~AccumulatingModel.micro_batch_weight`). A ``.keras`` file of it loads
-    as its class again, accumulating, with a pending window.
+    as its class again, accumulating, with a pending window. Its files hold
+    the window's state beside the weights: a plain model of the class loads
+    them with ``load_weights(path, skip_mismatch=True)``.
 
     Args:
         model: the model; not already accumulating, and not of a class that
@@ -133,6 +135,7 @@ def accumulating_class(original: type) -> type:
             "__init__": _constructed,
             "get_config": _get_config,
             "from_config": classmethod(_from_config),
+            "__reduce__": _reduce,
         }
         subclass = type(original.__name__, (AccumulatingModel, original), namespace)
         # One registered name for every such class (Keras's public
@@ -190,10 +193,32 @@ def _rebuild(config: dict[str, Any], custom_objects: Any = None) -> keras.Model:
     config = dict(config)
     options = {name: config.pop(name) for name in OPTIONS if name in config}
     original = config.pop(_ORIGINAL_CLASS_KEY)
-    model = keras.saving.deserialize_keras_object(
-        {**original, "config": config}, custom_objects=custom_objects
-    )
+    # A generated class has its original's name, and Keras's clone_model puts
+    # the model's class in scope by name: the original must answer to it.
+    originals = {
+        name: cls
+        for cls in _ACCUMULATING_CLASSES
+        if (cls.__module__, cls.__name__)
+        == (original["module"], original["class_name"])
+        for name in {cls.__name__, keras.saving.get_registered_name(cls)}
+    }
+    with keras.saving.custom_object_scope(originals):
+        model = keras.saving.deserialize_keras_object(
+            {**original, "config": config}, custom_objects=custom_objects
+        )
     return enable_accumulation(model, **options)
+
+
+def _reduce(self: Any) -> tuple:
+    # Keras pickles a model as its .keras bytes and a loader bound to the
+    # model's class, which pickle cannot find by name for a generated one.
+    _, arguments = keras.Model.__reduce__(self)
+    return _unpickle, arguments
+
+
+def _unpickle(buffer: Any) -> keras.Model:
+    """Loads a pickled accumulating model: its .keras bytes (see `_reduce`)."""
+    return keras.Model._unpickle_model(buffer)
 
 
 class _EnabledModel:

@@ -93,9 +93,10 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             al. (2018) in `fit`'s epoch logs and history:
             ``gradient_sq_norm`` (|G|²), ``gradient_variance`` (tr Σ, one
             sample) and ``gradient_noise_scale`` (their ratio, B_simple, in
-            samples), estimated from each window's micro-batches (see
-            `noise_scale` for the estimator and its assumptions). Needs
-            windows of at least 2 micro-batches.
+            samples; in the unit of `micro_batch_weight` under other loss
+            reductions: tokens, or sample weight), estimated from each
+            window's micro-batches (see `noise_scale` for the estimator and
+            its assumptions). Needs windows of at least 2 micro-batches.
         *args, **kwargs: as for `keras.Model` (functional ``inputs, outputs``
             or nothing when subclassing). A keyword Keras would silently drop,
             or a near-miss of one of the options above, raises `ValueError`.

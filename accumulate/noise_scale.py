@@ -46,7 +46,7 @@ from typing import Any
 
 from keras import ops
 
-from accumulate.window import squared_norm
+from accumulate.window import counts, squared_norm
 
 __all__ = [
     "LOG_KEYS",
@@ -92,14 +92,14 @@ def add_micro_batch(
 ) -> tuple[Any, Any]:
     """``(S, n)`` with one micro-batch of mean gradient norm² ``sq_norm`` added.
 
-    A micro-batch of weight 0 adds nothing (selected, not multiplied: its
-    gradient may be NaN).
+    A micro-batch that does not count (`window.counts`) adds nothing
+    (selected, not multiplied: its gradient may be NaN).
     """
     weight = ops.cast(weight, "float32")
-    counts = weight > 0.0
+    counted = counts(weight)
     return (
-        ops.where(counts, weighted_sq_norms + weight * sq_norm, weighted_sq_norms),
-        micro_batches + ops.cast(counts, "float32"),
+        ops.where(counted, weighted_sq_norms + weight * sq_norm, weighted_sq_norms),
+        micro_batches + ops.cast(counted, "float32"),
     )
 
 

@@ -145,6 +145,20 @@ def _per_output(sample_weight: Any, outputs: int) -> list[Any]:
     return [sample_weight] * outputs  # one array (or none) for every output
 
 
+def _output_losses(model: keras.Model, outputs: int) -> list[Any]:
+    """Each output's loss (``None`` for an output without one), in the order of
+    ``keras.tree.flatten(y_pred)``; every output counts when the two cannot
+    be lined up."""
+    loss = getattr(model, "loss", None)
+    if not isinstance(loss, (dict, list, tuple)):
+        return [loss] * outputs  # one loss for every output
+    names = getattr(model, "output_names", None)
+    if isinstance(loss, dict) and names and len(names) == outputs:
+        return [loss.get(name) for name in names]
+    flat = keras.tree.flatten(loss) if isinstance(loss, dict) else list(loss)
+    return flat if len(flat) == outputs else [True] * outputs
+
+
 def window_weight(
     model: keras.Model,
     x: Any,
@@ -155,30 +169,36 @@ def window_weight(
     """The micro-batch's weight: what its compiled loss divides by.
 
     ``backend`` is the backend's glue module: its ``batch_size(x)`` and
-    ``assert_equal_counts(counts, message)``, the check that several
+    ``assert_equal_counts(counts, message, model)``, the check that several
     outputs' data-dependent counts agree.
     """
     reductions = loss_reductions(model)
+    if not reductions:
+        # Keras compiled no loss (compute_loss or add_loss): by samples.
+        return backend.batch_size(x)
     _check_reductions(model, reductions)
-    outputs = keras.tree.flatten(y_pred)
-    if reductions and reductions[0] == SUM:
+    if reductions[0] == SUM:
         return backend.batch_size(x)  # the window is not divided: it only counts
+    outputs = keras.tree.flatten(y_pred)
     by_sample_weight = "mean_with_sample_weight" in reductions
     weights = _per_output(sample_weight if by_sample_weight else None, len(outputs))
-    counts = []
-    for output, weight in zip(outputs, weights, strict=True):
-        mask = get_keras_mask(output)
-        if mask is None and weight is None:
-            counts.append(None)  # fixed by the output's shape
-        else:
-            counts.append(_weighted_count(mask, weight))
-    if len(outputs) == 1:
-        return _elements(outputs[0], backend) if counts[0] is None else counts[0]
-    if all(count is None for count in counts):
+    # Only the outputs with a loss divide anything.
+    counted = [
+        (output, get_keras_mask(output), weight)
+        for output, weight, loss in zip(
+            outputs, weights, _output_losses(model, len(outputs)), strict=True
+        )
+        if loss is not None
+    ]
+    fixed = [mask is None and weight is None for _, mask, weight in counted]
+    if len(counted) == 1:
+        output, mask, weight = counted[0]
+        return _elements(output, backend) if fixed[0] else _weighted_count(mask, weight)
+    if all(fixed):
         # Each output's count is the batch size times its fixed shape, so
         # the counts are proportional and the batch size weighs them all.
         return backend.batch_size(x)
-    if any(count is None for count in counts):
+    if any(fixed):
         raise ValueError(
             "Some of the model's outputs divide their loss by a count that "
             "depends on the data (a Keras mask, or sample weights under "
@@ -186,11 +206,17 @@ def window_weight(
             "no single weight per micro-batch makes accumulation exact. "
             "Override micro_batch_weight(), or give every output the same mask."
         )
-    backend.assert_equal_counts(
-        counts,
-        "The model's outputs divide their losses by different counts in this "
-        "micro-batch (unmasked entries or sample weights), so no single weight "
-        "per micro-batch makes accumulation exact. Override "
-        "micro_batch_weight().",
-    )
+    counts = [_weighted_count(mask, weight) for _, mask, weight in counted]
+    if len({(id(mask), id(weight)) for _, mask, weight in counted}) > 1:
+        # Counts from different masks or weights: equal only if the data
+        # make them so, which the step checks where it can.
+        backend.assert_equal_counts(
+            counts,
+            "The model's outputs divide their losses by counts (unmasked "
+            "entries, or sample weights under mean_with_sample_weight) from "
+            "different masks or weights, and no single weight per micro-batch "
+            "is exact unless they are equal in every micro-batch. Override "
+            "micro_batch_weight(), or give the outputs the same mask.",
+            model,
+        )
     return counts[0]

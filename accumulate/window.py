@@ -51,6 +51,14 @@ def zeros(variables: Sequence[Any]) -> tuple[list[Any], Any, Any]:
     return sums, ops.zeros((), "float32"), ops.zeros((), "int32")
 
 
+def counts(weight: Any) -> Any:
+    """Whether a micro-batch of ``weight`` counts: not 0 (no samples, only
+    padding) and not NaN. Negative weights (signed sample weights under
+    ``mean_with_sample_weight``) count: their sum is what the loss divides by.
+    """
+    return ops.logical_and(ops.not_equal(weight, 0.0), ops.equal(weight, weight))
+
+
 def add(
     sums: Sequence[Any],
     samples: Any,
@@ -65,11 +73,11 @@ def add(
     ``gradient_scale`` is what the gradients are multiplied by (a loss
     scale): they are stored divided by it, so that the window can be applied
     with whatever scale the optimizer has by then. A micro-batch of weight 0
-    adds nothing and is not counted. ``summed``: the loss is a sum, so the
+    (or NaN) adds nothing and is not counted. ``summed``: the loss is a sum, so the
     gradients are added as they are (the weight only counts).
     """
     weight = ops.cast(weight, "float32")
-    counts = weight > 0.0
+    is_counted = counts(weight)
     factor = ops.ones_like(weight) if summed else weight
     factor = factor if gradient_scale is None else factor / gradient_scale
     new_sums = []
@@ -80,9 +88,9 @@ def add(
         added = gradient_sum + ops.cast(gradient, gradient_sum.dtype) * ops.cast(
             factor, gradient_sum.dtype
         )
-        new_sums.append(ops.where(counts, added, gradient_sum))
-    samples = ops.where(counts, samples + weight, samples)
-    steps = steps + ops.cast(counts, steps.dtype)
+        new_sums.append(ops.where(is_counted, added, gradient_sum))
+    samples = ops.where(is_counted, samples + weight, samples)
+    steps = steps + ops.cast(is_counted, steps.dtype)
     return new_sums, samples, steps
 
 

@@ -27,8 +27,17 @@ def batch_size(x: Any) -> tf.Tensor:
     return tf.shape(first_input)[0]
 
 
-def assert_equal_counts(counts: list[Any], message: str) -> None:
-    """Fails the step when masked outputs hold different unmasked counts."""
+def assert_equal_counts(counts: list[Any], message: str, model: Any) -> None:
+    """Fails the step when several outputs' counts differ.
+
+    XLA drops runtime assertions, so under ``jit_compile=True`` a model whose
+    counts could differ is refused when the step is traced.
+    """
+    if model.jit_compile:
+        raise ValueError(
+            message + " Under jit_compile=True (XLA) this cannot be checked "
+            "per micro-batch; compile with jit_compile=False to have it checked."
+        )
     for count in counts[1:]:
         tf.debugging.assert_equal(count, counts[0], message=message)
 

@@ -28,10 +28,16 @@ def batch_size(x: Any) -> int:
     return first_input.shape[0]
 
 
-def assert_equal_counts(counts: list[Any], message: str) -> None:
-    """Fails the step when masked outputs hold different unmasked counts."""
+def assert_equal_counts(counts: list[Any], message: str, model: Any) -> None:
+    """Fails the step when several outputs' counts differ."""
+    del model
     if any(float(count) != float(counts[0]) for count in counts[1:]):
         raise ValueError(message)
+
+
+def _counts(weight: float) -> bool:
+    """`accumulate.window.counts`, on a host float."""
+    return weight != 0.0 and weight == weight
 
 
 class Accumulation(VariableAccumulation):
@@ -80,7 +86,7 @@ class Accumulation(VariableAccumulation):
             # N=1 with nothing carried over: Keras's own update on the loss's
             # gradients as they are (the window is not touched), for a
             # micro-batch that counts.
-            if weight > 0.0:
+            if _counts(weight):
                 self._optimizer_apply(gradients, list(state.accumulated_variables))
             return
         self._add_micro_batch(gradients, weight, scale)
@@ -91,7 +97,7 @@ class Accumulation(VariableAccumulation):
         # `accumulate.window.add`'s arithmetic, in place: one `add_` per
         # variable instead of the pure version's three temporaries and a copy
         # (measured in docs/performance.md, "On PyTorch").
-        if not weight > 0.0:  # also NaN: a micro-batch of weight 0 adds nothing
+        if not _counts(weight):
             return
         state = self._accumulation
         factor = 1.0 if self._sums_window() else weight
