@@ -35,7 +35,11 @@ from typing import Any
 import keras
 from keras.src.saving import object_registration
 
-from accumulate.model import AccumulatingModel, _model_being_cloned
+from accumulate.model import (
+    AccumulatingModel,
+    _model_being_cloned,
+    _refuse_keras_accumulation,
+)
 from accumulate.options import OPTIONS
 
 # The name every generated class saves under, and the key of the original
@@ -99,12 +103,10 @@ def enable_accumulation(
         raise TypeError(
             f"{original.__name__} overrides train_step, and accumulation is a "
             "train step of its own, so that logic would be lost. Put it in "
-            "compute_loss (kept as it is), or subclass AccumulatingModel and "
-            "call super().train_step from yours."
+            "compute_loss (kept as it is), or write the model as a subclass of "
+            "AccumulatingModel whose train_step calls super().train_step."
         )
     if getattr(model, "optimizer", None) is not None:
-        from accumulate.model import _refuse_keras_accumulation
-
         _refuse_keras_accumulation(model.optimizer)
     # object.__setattr__: Keras's (and KerasHub's) __setattr__ track values.
     object.__setattr__(model, "__class__", accumulating_class(original))
