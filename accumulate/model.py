@@ -400,8 +400,9 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         checked when the step runs). A loss Keras does not compile (an
         overridden ``compute_loss``, ``add_loss``) is taken to divide by the
         number of samples. Override this method to return what your loss
-        divides by: a scalar per micro-batch, > 0 for a micro-batch that
-        counts (under ``"sum"``, any value > 0).
+        divides by: a scalar per micro-batch; 0 (or NaN) makes the
+        micro-batch count for nothing (under ``"sum"``, any other value only
+        says that it counts).
         """
         del y
         return reduction.window_weight(self, x, y_pred, sample_weight, _backend)

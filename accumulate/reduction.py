@@ -100,11 +100,11 @@ def _check_reductions(model: keras.Model, reductions: list[str | None]) -> None:
         if _regularised(model):
             raise ValueError(
                 "The model's loss has reduction='sum' and the model has "
-                "regularisers: every micro-batch's loss "
-                "adds the regularisation once, the big batch's only once in "
-                "all, so the window would count it once per micro-batch. Use a "
-                "mean reduction (sum_over_batch_size or mean_with_sample_"
-                "weight), or drop the regularisers."
+                "regularisers: every micro-batch's loss adds the "
+                "regularisation once, the big batch's only once in all, so the "
+                "window would count it once per micro-batch. Use a mean "
+                "reduction (sum_over_batch_size or mean_with_sample_weight), "
+                "or drop the regularisers."
             )
         if getattr(model, "measure_noise_scale", False):
             raise ValueError(
