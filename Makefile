@@ -7,7 +7,8 @@ DATA_DIR ?= $(abspath ../shared/data)
 export ACCUMULATE_DATA_DIR ?= $(DATA_DIR)
 PYTEST_ARGS ?= -q --timeout=900 --durations=15
 
-.PHONY: install test test-floor test-newest test-matrix test-jax test-torch lint notebook clean
+.PHONY: install test test-floor test-newest test-matrix test-jax test-torch \
+	test-without-tensorflow lint notebook clean
 
 # A virtualenv with the package and its dev extra, pinned by a constraints
 # file: $(call virtualenv,<dir>,<constraints>) defines <dir>/.installed.
@@ -34,6 +35,19 @@ $(eval $(call virtualenv,.venv-floor,constraints/floor.txt))
 $(eval $(call virtualenv,.venv-jax,constraints/newest.txt,$(JAX_EXTRA)))
 $(eval $(call virtualenv,.venv-torch,constraints/newest.txt,$(TORCH_EXTRA)))
 
+# JAX and PyTorch with no TensorFlow at all, as on an accelerator machine:
+# Keras, KerasHub and what they import are benchmarks/gpu-requirements.txt,
+# installed without their declared dependencies (keras-hub's declare
+# tensorflow-text, which pulls TensorFlow), and so is this package.
+.venv-notf/.installed: pyproject.toml constraints/newest.txt benchmarks/gpu-requirements.txt
+	$(PYTHON) -m venv .venv-notf
+	.venv-notf/bin/python -m pip install --quiet --upgrade pip
+	.venv-notf/bin/python -m pip install --quiet -c constraints/newest.txt \
+		jax torch numpy pytest pytest-timeout hypothesis
+	.venv-notf/bin/python -m pip install --quiet --no-deps -r benchmarks/gpu-requirements.txt
+	.venv-notf/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
 install: $(STAMP)
 
 test: $(STAMP)
@@ -53,6 +67,11 @@ test-jax: .venv-jax/.installed
 test-torch: .venv-torch/.installed
 	KERAS_BACKEND=torch .venv-torch/bin/python -m pytest $(PYTEST_ARGS)
 
+# The library, a KerasHub model and the GPU check, where TensorFlow is absent.
+test-without-tensorflow: .venv-notf/.installed
+	KERAS_BACKEND=jax .venv-notf/bin/python -m pytest $(PYTEST_ARGS) tests/test_without_tensorflow.py
+	KERAS_BACKEND=torch .venv-notf/bin/python -m pytest $(PYTEST_ARGS) tests/test_without_tensorflow.py
+
 # Both ends of the supported range, one after the other (2 cores).
 test-matrix: test-floor test-newest
 
@@ -61,7 +80,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check accumulate tests benchmarks examples notebooks conftest.py
 
 clean:
-	rm -rf $(VENV) .venv-floor .venv-newest .venv-jax .venv-torch .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-floor .venv-newest .venv-jax .venv-torch .venv-notf .pytest_cache \
+		.ruff_cache .hypothesis
 
 -include mk/*.mk
 

@@ -41,8 +41,8 @@ def _do_nothing() -> None:
     return None
 
 
-def _accumulation_dtype(dtype: tf.DType | str) -> tf.DType:
-    return tf.as_dtype(window.accumulation_dtype(tf.as_dtype(dtype).name))
+def _accumulation_dtype(dtype: tf.DType | str, requested: str) -> tf.DType:
+    return tf.as_dtype(window.accumulation_dtype(tf.as_dtype(dtype).name, requested))
 
 
 class GradientAccumulator(tf.Module):
@@ -54,6 +54,8 @@ class GradientAccumulator(tf.Module):
         window_size: micro-batches per window; 0 applies only on request
             (whole-epoch windows, applied by `fit` at the epoch's end).
         name: name scope of the created variables.
+        dtype: the sums' dtype, ``"float32"`` (float64 for float64
+            variables) or ``"bfloat16"`` (see `window.accumulation_dtype`).
 
     Example:
         >>> import tensorflow as tf
@@ -70,12 +72,15 @@ class GradientAccumulator(tf.Module):
         variables: Sequence[tf.Variable],
         window_size: int = 0,
         name: str = "accumulation",
+        dtype: str = "float32",
     ):
         super().__init__(name=name)
         with tf.name_scope(name):
             self.gradient_sums = [
                 tf.Variable(
-                    tf.zeros(variable.shape, _accumulation_dtype(variable.dtype)),
+                    tf.zeros(
+                        variable.shape, _accumulation_dtype(variable.dtype, dtype)
+                    ),
                     name=f"gradient_sum_{index}",
                     **_PER_REPLICA,
                 )
@@ -154,8 +159,7 @@ class GradientAccumulator(tf.Module):
                 gradient = tf.convert_to_tensor(gradient)  # densifies IndexedSlices
                 dense_gradients.append(gradient)
                 gradient_sum.assign_add(
-                    tf.cast(gradient, gradient_sum.dtype)
-                    * tf.cast(factor, gradient_sum.dtype)
+                    window.weighted(gradient, factor, gradient_sum.dtype)
                 )
             self.samples.assign_add(weight)
             if noise_meter is not None:

@@ -54,6 +54,7 @@ def enable_accumulation(
     accumulation_steps: int | str | dict[int, int | str] = 1,
     flush_at_epoch_end: bool = True,
     measure_noise_scale: bool = False,
+    accumulation_dtype: str = "float32",
 ) -> keras.Model:
     """Makes ``model`` accumulate gradients exactly; returns the same object.
 
@@ -73,8 +74,8 @@ def enable_accumulation(
     Args:
         model: the model; not already accumulating, and not of a class that
             overrides ``train_step`` (accumulation is a train step).
-        accumulation_steps, flush_at_epoch_end, measure_noise_scale: as for
-            `AccumulatingModel`.
+        accumulation_steps, flush_at_epoch_end, measure_noise_scale,
+            accumulation_dtype: as for `AccumulatingModel`.
 
     Example:
         >>> import keras, numpy as np
@@ -112,7 +113,10 @@ def enable_accumulation(
     object.__setattr__(model, "__class__", accumulating_class(original))
     try:
         model._init_accumulation(
-            accumulation_steps, flush_at_epoch_end, measure_noise_scale
+            accumulation_steps,
+            flush_at_epoch_end,
+            measure_noise_scale,
+            accumulation_dtype,
         )
     except Exception:
         object.__setattr__(model, "__class__", original)
@@ -171,6 +175,7 @@ def _options_of(model: AccumulatingModel) -> dict[str, Any]:
         "accumulation_steps": model.accumulation_steps,
         "flush_at_epoch_end": model.flush_at_epoch_end,
         "measure_noise_scale": model.measure_noise_scale,
+        "accumulation_dtype": model.accumulation_dtype,
     }
 
 

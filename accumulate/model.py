@@ -13,7 +13,7 @@ import numpy as np
 from keras import ops
 from keras.src.models.functional import Functional
 
-from accumulate import reduction
+from accumulate import reduction, window
 from accumulate.fit_callback import with_epoch_boundaries
 from accumulate.options import check_keywords
 from accumulate.schedule import EPOCH, AccumulationSchedule
@@ -97,6 +97,13 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             reductions: tokens, or sample weight), estimated from each
             window's micro-batches (see `noise_scale` for the estimator and
             its assumptions). Needs windows of at least 2 micro-batches.
+        accumulation_dtype: the dtype of the gradient sums. ``"float32"``
+            (the default; float64 for float64 variables) keeps every
+            micro-batch's gradient, even under a ``"bfloat16"`` dtype
+            policy, where a bfloat16 sum (8 bits of mantissa, as Keras's
+            built-in accumulation keeps it there) loses the small ones; it
+            costs 4 bytes per trainable parameter. ``"bfloat16"`` halves that
+            where you ask, at that precision.
         *args, **kwargs: as for `keras.Model` (functional ``inputs, outputs``
             or nothing when subclassing). A keyword Keras would silently drop,
             or a near-miss of one of the options above, raises `ValueError`.
@@ -167,12 +174,16 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         accumulation_steps: int | str | dict[int, int | str] = 1,
         flush_at_epoch_end: bool = True,
         measure_noise_scale: bool = False,
+        accumulation_dtype: str = "float32",
         **kwargs: Any,
     ):
         check_keywords(kwargs, functional=_is_functional_call(args, kwargs))
         super().__init__(*args, **kwargs)
         self._init_accumulation(
-            accumulation_steps, flush_at_epoch_end, measure_noise_scale
+            accumulation_steps,
+            flush_at_epoch_end,
+            measure_noise_scale,
+            accumulation_dtype,
         )
 
     def _init_accumulation(
@@ -180,8 +191,18 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         accumulation_steps: Any,
         flush_at_epoch_end: bool,
         measure_noise_scale: bool,
+        accumulation_dtype: str = "float32",
     ) -> None:
         """The accumulation options and empty state of a new (or enabled) model."""
+        if accumulation_dtype not in window.ACCUMULATION_DTYPES:
+            raise ValueError(
+                "`accumulation_dtype` must be one of "
+                f"{', '.join(map(repr, window.ACCUMULATION_DTYPES))}; received "
+                f"accumulation_dtype={accumulation_dtype!r}. float32 (the "
+                "default) keeps small micro-batch gradients under any dtype "
+                "policy; bfloat16 halves the accumulators' memory."
+            )
+        self._accumulation_dtype = accumulation_dtype
         # The backend's window state (and noise-scale meter), made when the
         # model's variables exist.
         self._accumulation: Any = None
@@ -239,6 +260,11 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
     def current_accumulation_steps(self) -> int | str:
         """The window size in effect now: an int N or ``"epoch"``."""
         return self._window_size
+
+    @property
+    def accumulation_dtype(self) -> str:
+        """The gradient sums' dtype: ``"float32"`` or ``"bfloat16"``."""
+        return self._accumulation_dtype
 
     @property
     def measure_noise_scale(self) -> bool:
@@ -468,6 +494,7 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         config["accumulation_steps"] = self.accumulation_steps
         config["flush_at_epoch_end"] = self._flush_at_epoch_end
         config["measure_noise_scale"] = self._measure_noise_scale
+        config["accumulation_dtype"] = self._accumulation_dtype
         return config
 
     @classmethod
@@ -478,10 +505,12 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             "flush_at_epoch_end": config.pop("flush_at_epoch_end", True),
             "measure_noise_scale": config.pop("measure_noise_scale", False),
         }
+        accumulation_dtype = config.pop("accumulation_dtype", "float32")
         # KerasHub's Task.from_config takes the config only.
         extra = {} if custom_objects is None else {"custom_objects": custom_objects}
         model = super().from_config(config, **extra)
-        model._configure_accumulation(**options)
+        # No state exists yet: it is made, in its dtype, when weights load.
+        model._init_accumulation(**options, accumulation_dtype=accumulation_dtype)
         return model
 
     def save_own_variables(self, store: Any) -> None:
@@ -596,6 +625,7 @@ class AccumulatingFunctional(AccumulatingModel, Functional):
             kwargs.setdefault("accumulation_steps", original.accumulation_steps)
             kwargs.setdefault("flush_at_epoch_end", original.flush_at_epoch_end)
             kwargs.setdefault("measure_noise_scale", original.measure_noise_scale)
+            kwargs.setdefault("accumulation_dtype", original.accumulation_dtype)
         super().__init__(*args, **kwargs)
 
 

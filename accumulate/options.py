@@ -21,7 +21,12 @@ import difflib
 from collections.abc import Iterable
 
 #: The options `AccumulatingModel` adds to `keras.Model`'s arguments.
-OPTIONS = ("accumulation_steps", "flush_at_epoch_end", "measure_noise_scale")
+OPTIONS = (
+    "accumulation_steps",
+    "flush_at_epoch_end",
+    "measure_noise_scale",
+    "accumulation_dtype",
+)
 # What Keras's functional constructor uses; it drops anything else.
 _FUNCTIONAL_KEYWORDS = ("inputs", "outputs", "name", "trainable")
 # A typo of one of OPTIONS (a letter or a word missing) scores above this.

@@ -35,17 +35,28 @@ from typing import Any
 
 from keras import ops
 
+#: What `accumulation_dtype` may be asked for.
+ACCUMULATION_DTYPES = ("float32", "bfloat16")
 
-def accumulation_dtype(dtype: Any) -> str:
-    """float32 for half precision (sums of many micro-batches lose small ones)."""
+
+def accumulation_dtype(dtype: Any, requested: str = "float32") -> str:
+    """The dtype of a variable's sum: ``requested``, and float64 for float64.
+
+    float32 by default, whatever the variable's dtype: a bfloat16 sum of many
+    micro-batches loses the small ones (8 bits of mantissa), so half
+    precision accumulates in float32 unless ``requested="bfloat16"`` asks to
+    save the memory.
+    """
     dtype = str(getattr(dtype, "name", dtype))
-    return dtype if dtype in ("float32", "float64") else "float32"
+    return "float64" if requested == "float32" and dtype == "float64" else requested
 
 
-def zeros(variables: Sequence[Any]) -> tuple[list[Any], Any, Any]:
+def zeros(
+    variables: Sequence[Any], requested: str = "float32"
+) -> tuple[list[Any], Any, Any]:
     """An empty window for ``variables``: ``(sums, samples, steps)``."""
     sums = [
-        ops.zeros(tuple(variable.shape), accumulation_dtype(variable.dtype))
+        ops.zeros(tuple(variable.shape), accumulation_dtype(variable.dtype, requested))
         for variable in variables
     ]
     return sums, ops.zeros((), "float32"), ops.zeros((), "int32")
@@ -85,13 +96,18 @@ def add(
         if gradient is None:
             new_sums.append(gradient_sum)
             continue
-        added = gradient_sum + ops.cast(gradient, gradient_sum.dtype) * ops.cast(
-            factor, gradient_sum.dtype
-        )
+        added = gradient_sum + weighted(gradient, factor, gradient_sum.dtype)
         new_sums.append(ops.where(is_counted, added, gradient_sum))
     samples = ops.where(is_counted, samples + weight, samples)
     steps = steps + ops.cast(is_counted, steps.dtype)
     return new_sums, samples, steps
+
+
+def weighted(gradient: Any, factor: Any, dtype: Any) -> Any:
+    """``gradient * factor`` in ``dtype``, multiplied in float32 at least (one
+    rounding to a bfloat16 sum, not two)."""
+    wide = _wide(dtype)
+    return ops.cast(ops.cast(gradient, wide) * ops.cast(factor, wide), dtype)
 
 
 def is_complete(steps: Any, window_size: Any) -> Any:
@@ -104,14 +120,26 @@ def mean(
 ) -> list[Any | None]:
     """The window's gradient: the sums divided by their total weight.
 
-    Cast back to each variable's dtype; ``None`` stays ``None``.
+    Divided in float32 at least (a bfloat16 sum over a weight like 4097 would
+    round the weight), then cast to each variable's dtype; ``None`` stays
+    ``None``.
     """
     return [
         None
         if gradient_sum is None
-        else ops.cast(gradient_sum / ops.cast(samples, gradient_sum.dtype), dtype)
+        else ops.cast(_divided(gradient_sum, samples), dtype)
         for gradient_sum, dtype in zip(sums, dtypes, strict=True)
     ]
+
+
+def _divided(gradient_sum: Any, samples: Any) -> Any:
+    wide = _wide(gradient_sum.dtype)
+    return ops.cast(gradient_sum, wide) / ops.cast(samples, wide)
+
+
+def _wide(dtype: Any) -> str:
+    """float64 for float64, else float32: where a sum's arithmetic happens."""
+    return "float64" if str(getattr(dtype, "name", dtype)) == "float64" else "float32"
 
 
 def scaled(gradients: Sequence[Any | None], scale: Any) -> list[Any | None]:

@@ -187,7 +187,10 @@ class Accumulation:
         self, variables: list[Any]
     ) -> tuple[GradientAccumulator, NoiseScaleMeter | None]:
         meter = NoiseScaleMeter() if self._measure_noise_scale else None
-        return GradientAccumulator(variables, self._window_size_value()), meter
+        state = GradientAccumulator(
+            variables, self._window_size_value(), dtype=self._accumulation_dtype
+        )
+        return state, meter
 
     def _trackable_children(self, save_type: str = "checkpoint", **kwargs: Any):
         # As Keras does for train_function: a SavedModel must not trace the

@@ -30,7 +30,7 @@ def _variable(shape: tuple[int, ...], dtype: str, name: str) -> keras.Variable:
     # autocast=False: under mixed precision a float32 sum must stay float32
     # when read inside the model's autocast scope.
     return keras.Variable(
-        np.zeros(shape, dtype), trainable=False, dtype=dtype, name=name, autocast=False
+        "zeros", shape, trainable=False, dtype=dtype, name=name, autocast=False
     )
 
 
@@ -41,15 +41,18 @@ class WindowVariables:
         variables: the trainable variables the window's gradients are for.
         window_size: micro-batches per window, 0 for "epoch" (a variable, so
             a schedule changes it without retracing).
+        dtype: the sums' dtype (see `window.accumulation_dtype`).
     """
 
-    def __init__(self, variables: Sequence[Any], window_size: int):
+    def __init__(
+        self, variables: Sequence[Any], window_size: int, dtype: str = "float32"
+    ):
         self.accumulated_variables = tuple(variables)
         self.variable_dtypes = [variable.dtype for variable in variables]
         self.gradient_sums = [
             _variable(
                 tuple(variable.shape),
-                window.accumulation_dtype(variable.dtype),
+                window.accumulation_dtype(variable.dtype, dtype),
                 f"gradient_sum_{index}",
             )
             for index, variable in enumerate(variables)
@@ -169,7 +172,10 @@ class VariableAccumulation:
         self, variables: Sequence[Any]
     ) -> tuple[WindowVariables, NoiseVariables | None]:
         meter = NoiseVariables() if self._measure_noise_scale else None
-        return WindowVariables(variables, self._window_size_value()), meter
+        state = WindowVariables(
+            variables, self._window_size_value(), self._accumulation_dtype
+        )
+        return state, meter
 
     def _apply_open_window(self) -> None:
         self._sync_state()

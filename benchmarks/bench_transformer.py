@@ -1,0 +1,152 @@
+"""Seconds per epoch on a compute-bound model: the KerasHub GPT-2 of `transformer`.
+
+The paper's MLP (`bench.py`) takes a few milliseconds a step, so it times
+per-op overhead. Here a micro-batch is seconds of real work (8 sequences of
+256 tokens through 8.4M parameters, Adam), so the ratios say what a user
+pays: our window of N micro-batches and one apply against N plain steps of
+the micro-batch (``x plain`` below 1 means the window is cheaper: one
+optimizer update instead of N), in ``"epoch"`` mode, and against Keras's
+built-in accumulation at the same N.
+
+In one process, like `bench.py`: each variant's models are warmed up (one
+epoch, tracing and compiling), then rounds of one epoch per variant in turn;
+round ``i`` times instance ``i % K`` of every variant, and a ratio is the
+median over rounds of the per-round ratio (paired, so a slow moment of the
+machine hits both). No TensorFlow is imported (the GPU check runs this).
+
+    python benchmarks/bench_transformer.py --out results --rounds 6 --instances 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # run as a script
+
+import keras  # noqa: E402
+import transformer  # noqa: E402
+
+from accumulate import enable_accumulation  # noqa: E402
+
+MICRO_BATCH, STEPS = 8, 8
+QUICK_MICRO_BATCH, QUICK_STEPS = 4, 4
+BASELINE = "plain"
+
+
+def variants(steps: int) -> dict[str, dict[str, Any]]:
+    return {
+        BASELINE: {},
+        f"ours-{steps}": {"accumulation_steps": steps},
+        "ours-epoch": {"accumulation_steps": "epoch"},
+        f"keras-{steps}": {"keras_accumulation": steps},
+    }
+
+
+def build(options: dict[str, Any], size: transformer.Size, seed: int) -> keras.Model:
+    options = dict(options)
+    keras_steps = options.pop("keras_accumulation", None)
+    model = transformer.causal_lm(size, seed=seed)
+    if options:
+        model = enable_accumulation(model, **options)
+    return transformer.compiled(model, keras_accumulation=keras_steps)
+
+
+def epoch_seconds(model: keras.Model, data: tuple, batch: int) -> float:
+    x, y, weight = data
+    started = time.perf_counter()
+    model.fit(
+        x, y, sample_weight=weight, batch_size=batch, epochs=1, shuffle=False, verbose=0
+    )
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=HERE.parent / "results")
+    parser.add_argument("--rounds", type=int, default=6, help="timed epochs a variant")
+    parser.add_argument("--instances", type=int, default=2, help="models a variant")
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny model")
+    args = parser.parse_args()
+    size = transformer.SIZES["quick" if args.quick else "full"]
+    micro_batch, steps = (
+        (QUICK_MICRO_BATCH, QUICK_STEPS) if args.quick else (MICRO_BATCH, STEPS)
+    )
+    # One window of N micro-batches per epoch (so "epoch" is the same window,
+    # applied by fit's epoch-end flush instead of in the step).
+    data = transformer.token_data(size, micro_batch * steps)
+    table = variants(steps)
+    models = {
+        name: [build(options, size, seed=0) for _ in range(args.instances)]
+        for name, options in table.items()
+    }
+    for name, instances in models.items():
+        for model in instances:
+            epoch_seconds(model, data, micro_batch)  # traces and compiles
+        print(f"warmed up {name}", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in table}
+    for round_ in range(args.rounds):
+        for name, instances in models.items():
+            times[name].append(
+                epoch_seconds(instances[round_ % args.instances], data, micro_batch)
+            )
+        print(
+            f"round {round_}: "
+            + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()),
+            flush=True,
+        )
+
+    def paired(name: str, reference: str) -> float:
+        return statistics.median(
+            a / b for a, b in zip(times[name], times[reference], strict=True)
+        )
+
+    parameters, trainable = transformer.parameter_count(models[BASELINE][0])
+    ratios = {
+        f"{name} / {BASELINE}": paired(name, BASELINE)
+        for name in table
+        if name != BASELINE
+    }
+    for name in table:
+        if name.startswith("ours"):
+            ratios[f"{name} / keras-{steps}"] = paired(name, f"keras-{steps}")
+    report = {
+        "meta": {
+            "backend": keras.backend.backend(),
+            "command": " ".join(["python", *sys.argv]),
+            "model": f"GPT2CausalLM from config, {parameters:,} parameters "
+            f"({trainable:,} trainable), {size}",
+            "micro_batch": micro_batch,
+            "accumulation_steps": steps,
+            "sequences_per_epoch": micro_batch * steps,
+            "optimizer": "Adam",
+            "rounds": args.rounds,
+            "instances": args.instances,
+            "cpu_count": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "median_epoch_s": {name: statistics.median(t) for name, t in times.items()},
+        "median_s_per_micro_batch": {
+            name: statistics.median(t) / steps for name, t in times.items()
+        },
+        "paired_ratios": ratios,
+        "epoch_s": times,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench-transformer.json").write_text(
+        json.dumps(report, indent=1) + "\n"
+    )
+    print(json.dumps(report["paired_ratios"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
