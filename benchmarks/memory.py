@@ -280,6 +280,7 @@ def measure(row: dict[str, Any], quick: bool, epochs: int, data_dir: str | None)
         **row,
         "backend": keras.backend.backend(),
         "device": memory.device,
+        "process": os.getpid(),
         "peak_added_bytes": int(peak),
         "baseline_bytes": int(memory.baseline),
         "epoch_seconds": epoch_seconds,
@@ -329,6 +330,20 @@ def run_child(python: str, backend: str, row: dict[str, Any], args: Any) -> dict
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def _plain_run(results: list[dict[str, Any]], run: dict[str, Any], batch: int):
+    """Plain fit at ``batch`` on the same backend and model as ``run``."""
+    for other in results:
+        if (
+            other["kind"] == "plain"
+            and other["batch"] == batch
+            and all(
+                other.get(key) == run.get(key) for key in ("backend", "model", "lora")
+            )
+        ):
+            return other
+    return None
+
+
 def limits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each accumulating run against its limit: plain fit at b plus one copy.
 
@@ -340,30 +355,8 @@ def limits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for run in results:
         if run["kind"] == "plain":
             continue
-        floor = next(
-            (
-                other
-                for other in results
-                if other["kind"] == "plain"
-                and other["backend"] == run["backend"]
-                and other["model"] == run["model"]
-                and other["batch"] == run["batch"]
-                and other.get("lora") == run.get("lora")
-            ),
-            None,
-        )
-        big = next(
-            (
-                other
-                for other in results
-                if other["kind"] == "plain"
-                and other["backend"] == run["backend"]
-                and other["model"] == run["model"]
-                and other["batch"] == run["effective_batch"]
-                and other.get("lora") == run.get("lora")
-            ),
-            None,
-        )
+        floor = _plain_run(results, run, run["batch"])
+        big = _plain_run(results, run, run["effective_batch"])
         if floor is None:
             continue
         limit = floor["peak_added_bytes"] + run["float32_weight_copy_bytes"]

@@ -113,7 +113,9 @@ def test_a_dtype_that_is_not_offered_is_refused_with_the_choices() -> None:
         )
     inputs = keras.Input((2,))
     with pytest.raises(ValueError, match="accumulation_dtype"):
-        AccumulatingModel(inputs, inputs, accumulation_dtype="int8")
+        AccumulatingModel(
+            inputs, keras.layers.Dense(1)(inputs), accumulation_dtype="int8"
+        )
 
 
 def test_the_dtype_and_a_bfloat16_window_survive_saving(tmp_path) -> None:

@@ -106,3 +106,35 @@ def test_scaling_writes_json_and_png(scaling_output: Path) -> None:
         names = [row["name"] for row in entry["variants"]]
         assert names == ["fit", "acc-epoch", "acc-8"]
         assert entry["parameters"] * 4 == entry["variants"][0]["trainable_bytes"]
+
+
+def test_memory_measures_each_variant_in_its_own_process(tmp_path: Path) -> None:
+    # The transformer's ends and LoRA: plain fit at b, ours at N, both LoRA.
+    variants = "plain-4,ours-4x4,plain-4-lora,ours-4x4-lora"
+    _run("memory.py", tmp_path, "--models", "transformer", "--only", variants)
+    report = json.loads((tmp_path / "bench-memory.json").read_text())
+    assert (tmp_path / "bench-memory.png").stat().st_size > 0
+    runs = {run["name"]: run for run in report["results"]}
+    assert set(runs) == set(variants.split(","))
+    assert len({run["process"] for run in runs.values()}) == len(runs)
+    for run in runs.values():
+        assert run["backend"] == BACKEND and run["peak_added_bytes"] > 0
+        assert run["epoch_s"] > 0
+    # 32 sequences, micro-batches of 4, windows of 4: 4 updates in 2 epochs.
+    assert runs["ours-4x4"]["optimizer_updates"] == 4
+    assert runs["plain-4"]["optimizer_updates"] == 16
+    # The accumulators are one float32 copy of the trainable weights: with
+    # LoRA, of the LoRA weights only.
+    for name in ("ours-4x4", "ours-4x4-lora"):
+        assert (
+            runs[name]["accumulator_bytes"] == runs[name]["float32_weight_copy_bytes"]
+        )
+    assert runs["plain-4"]["accumulator_bytes"] == 0
+    lora, full = runs["ours-4x4-lora"], runs["ours-4x4"]
+    assert lora["trainable_parameters"] < full["trainable_parameters"] / 4
+    limits = {row["variant"]: row for row in report["limits"]}
+    assert set(limits) == {"ours-4x4", "ours-4x4-lora"}
+    assert limits["ours-4x4"]["limit_mb"] == pytest.approx(
+        (runs["plain-4"]["peak_added_bytes"] + full["float32_weight_copy_bytes"])
+        / 2**20
+    )
