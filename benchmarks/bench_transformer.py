@@ -59,13 +59,14 @@ def build(options: dict[str, Any], size: transformer.Size, seed: int) -> keras.M
     return transformer.compiled(model, keras_accumulation=keras_steps)
 
 
-def epoch_seconds(model: keras.Model, data: tuple, batch: int) -> float:
+def epoch_seconds(model: keras.Model, data: tuple, batch: int) -> tuple[float, float]:
+    """Wall and process CPU seconds of one epoch of ``fit``."""
     x, y, weight = data
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model.fit(
         x, y, sample_weight=weight, batch_size=batch, epochs=1, shuffle=False, verbose=0
     )
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def main() -> None:
@@ -94,31 +95,35 @@ def main() -> None:
             epoch_seconds(model, data, micro_batch)  # traces and compiles
         print(f"warmed up {name}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in table}
+    cpu_times: dict[str, list[float]] = {name: [] for name in table}
     for round_ in range(args.rounds):
         for name, instances in models.items():
-            times[name].append(
-                epoch_seconds(instances[round_ % args.instances], data, micro_batch)
+            wall, cpu = epoch_seconds(
+                instances[round_ % args.instances], data, micro_batch
             )
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
         print(
             f"round {round_}: "
-            + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()),
+            + ", ".join(
+                f"{n} {t[-1]:.2f}s ({cpu_times[n][-1]:.2f} CPU)"
+                for n, t in times.items()
+            ),
             flush=True,
         )
 
-    def paired(name: str, reference: str) -> float:
-        return statistics.median(
-            a / b for a, b in zip(times[name], times[reference], strict=True)
-        )
+    def paired(name: str, reference: str) -> dict[str, float]:
+        return {
+            clock: statistics.median(
+                a / b for a, b in zip(seconds[name], seconds[reference], strict=True)
+            )
+            for clock, seconds in (("wall", times), ("cpu", cpu_times))
+        }
 
     parameters, trainable = transformer.parameter_count(models[BASELINE][0])
-    ratios = {
-        f"{name} / {BASELINE}": paired(name, BASELINE)
-        for name in table
-        if name != BASELINE
-    }
-    for name in table:
-        if name.startswith("ours"):
-            ratios[f"{name} / keras-{steps}"] = paired(name, f"keras-{steps}")
+    pairs = [(name, BASELINE) for name in table if name != BASELINE]
+    pairs += [(name, f"keras-{steps}") for name in table if name.startswith("ours")]
+    ratios = {f"{n} / {reference}": paired(n, reference) for n, reference in pairs}
     report = {
         "meta": {
             "backend": keras.backend.backend(),
@@ -138,8 +143,11 @@ def main() -> None:
         "median_s_per_micro_batch": {
             name: statistics.median(t) / steps for name, t in times.items()
         },
+        # Wall time and the process's CPU time (all its threads), paired per
+        # round; CPU time does not count the stalls of a shared machine.
         "paired_ratios": ratios,
         "epoch_s": times,
+        "epoch_cpu_s": cpu_times,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-transformer.json").write_text(

@@ -438,11 +438,36 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
             )
             axis.set_xlabel("effective batch (samples per update)")
             axis.set_ylabel("peak memory added (MB)")
-            axis.set_ylim(bottom=0)
+            floor = min(
+                (r for r in runs if r["kind"] == "plain"),
+                key=lambda r: r["batch"],
+                default=None,
+            )
+            copy = max((r["float32_weight_copy_bytes"] for r in runs), default=0)
+            if floor is not None:
+                axis.axhline(
+                    (floor["peak_added_bytes"] + copy) / 2**20,
+                    color="grey",
+                    linestyle="--",
+                    linewidth=1,
+                    label="limit: plain fit at b + one float32 copy",
+                )
+            axis.set_ylim(0, 1.12 * max(r["peak_added_bytes"] / 2**20 for r in runs))
             axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     figure_.tight_layout()
     figure_.savefig(path, dpi=120)
+
+
+def _updated(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with the runs ``new`` remeasured replaced in place, others added."""
+
+    def key(run: dict) -> tuple:
+        return run["backend"], run["model"], run["name"]
+
+    fresh = {key(run): run for run in new}
+    merged = [fresh.pop(key(run), run) for run in old]
+    return merged + list(fresh.values())
 
 
 def main() -> None:
@@ -473,8 +498,23 @@ def main() -> None:
     add("--data-dir", help="MNIST directory for the MLP (default: drawn data)")
     add("--out", type=Path, default=HERE.parent / "results")
     add("--quick", action="store_true", help="smoke test: tiny models and data")
+    add(
+        "--update",
+        action="store_true",
+        help="keep the runs of an existing report in --out that this run does "
+        "not measure again (to remeasure a few variants)",
+    )
+    add(
+        "--replot",
+        action="store_true",
+        help="only redraw bench-memory.png from the bench-memory.json in --out",
+    )
     add("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.replot:
+        report = json.loads((args.out / "bench-memory.json").read_text())
+        figure(report["results"], args.out / "bench-memory.png")
+        return
     if args.child:
         sys.path.insert(0, str(HERE))
         row = json.loads(args.child)
@@ -500,9 +540,16 @@ def main() -> None:
                     f"{run['epoch_s']:7.2f} s/epoch",
                     flush=True,
                 )
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    commands = [command]
+    previous = args.out / "bench-memory.json"
+    if args.update and previous.exists():
+        old = json.loads(previous.read_text())
+        results = _updated(old["results"], results)
+        commands = old["meta"].get("commands", [old["meta"].get("command")]) + commands
     report = {
         "meta": {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "commands": commands,
             "quick": args.quick,
             "epochs": args.epochs,
             "settings": {
