@@ -17,9 +17,14 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 OUT=results/gpu
 QUICK=()
+ROUNDS=(--rounds 12 --instances 2)
+VARIANTS=(--no-curve)
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) QUICK=(--quick) ;;
+        # A smoke test: tiny model, and the variants of memory.py's quick
+        # settings (b = 4, N = 4) that the limit needs.
+        --quick) QUICK=(--quick); ROUNDS=(--rounds 2 --instances 1)
+                 VARIANTS=(--only plain-4,ours-4x4,ours-4x4-lora) ;;
         --out) OUT="$2"; shift ;;
         *) echo "gpu_check.sh: unknown argument $1 (use --quick, --out DIR)" >&2; exit 2 ;;
     esac
@@ -55,9 +60,9 @@ PYTHON
 # on a GPU, so more rounds than on CPU).
 for backend in jax torch; do
     KERAS_BACKEND="$backend" timeout 150 "$PYTHON" benchmarks/bench_transformer.py \
-        --out "$OUT/$backend" --rounds 12 --instances 2 "${QUICK[@]}"
+        --out "$OUT/$backend" "${ROUNDS[@]}" "${QUICK[@]}"
 done
 # Memory: one process per variant; the points between b and B are left out.
-timeout 270 "$PYTHON" benchmarks/memory.py --models transformer --no-curve \
+timeout 270 "$PYTHON" benchmarks/memory.py --models transformer "${VARIANTS[@]}" \
     --python jax="$PYTHON" --python torch="$PYTHON" --out "$OUT" "${QUICK[@]}"
 echo "gpu_check.sh: wrote $OUT"

@@ -108,6 +108,8 @@ def test_scaling_writes_json_and_png(scaling_output: Path) -> None:
         assert entry["parameters"] * 4 == entry["variants"][0]["trainable_bytes"]
 
 
+# JAX and PyTorch run it in `make test-without-tensorflow` (the GPU check).
+@pytest.mark.tensorflow_only
 def test_memory_measures_each_variant_in_its_own_process(tmp_path: Path) -> None:
     # The transformer's ends and LoRA: plain fit at b, ours at N, both LoRA.
     variants = "plain-4,ours-4x4,plain-4-lora,ours-4x4-lora"
