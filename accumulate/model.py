@@ -517,7 +517,7 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         super().save_own_variables(store)
         for prefix, variables in self._state_to_save().items():
             for index, variable in enumerate(variables):
-                store[f"{prefix}{index}"] = variable.numpy()
+                store[f"{prefix}{index}"] = self._saved_value(variable)
         schedule = json.dumps(self._schedule.config).encode()
         store[_SCHEDULE_KEY] = np.frombuffer(schedule, np.uint8)
         store[_POSITION_KEY] = np.array(

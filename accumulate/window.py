@@ -86,6 +86,11 @@ def add(
     with whatever scale the optimizer has by then. A micro-batch of weight 0
     (or NaN) adds nothing and is not counted. ``summed``: the loss is a sum, so the
     gradients are added as they are (the weight only counts).
+
+    ``weight`` may also be a vector: one weight per device for sums and
+    gradients with a leading device axis (each device's share of the
+    micro-batch, `accumulate.backends.jax`). ``samples`` then grows by the
+    counted shares' total and ``steps`` by one if any share counts.
     """
     weight = ops.cast(weight, "float32")
     is_counted = counts(weight)
@@ -96,11 +101,20 @@ def add(
         if gradient is None:
             new_sums.append(gradient_sum)
             continue
-        added = gradient_sum + weighted(gradient, factor, gradient_sum.dtype)
-        new_sums.append(ops.where(is_counted, added, gradient_sum))
-    samples = ops.where(is_counted, samples + weight, samples)
-    steps = steps + ops.cast(is_counted, steps.dtype)
+        added = gradient_sum + weighted(
+            gradient, _leading(factor, gradient), gradient_sum.dtype
+        )
+        new_sums.append(ops.where(_leading(is_counted, added), added, gradient_sum))
+    samples = samples + ops.sum(ops.where(is_counted, weight, 0.0))
+    steps = steps + ops.cast(ops.any(is_counted), steps.dtype)
     return new_sums, samples, steps
+
+
+def _leading(value: Any, like: Any) -> Any:
+    """``value`` (a scalar, or one per device) broadcast along ``like``'s
+    leading axis."""
+    missing = len(like.shape) - len(value.shape)
+    return ops.reshape(value, (*value.shape, *(1,) * missing)) if value.shape else value
 
 
 def weighted(gradient: Any, factor: Any, dtype: Any) -> Any:

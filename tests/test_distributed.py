@@ -27,7 +27,7 @@ ROOT = HERE.parent.parent
 FLOAT32_TOLERANCE = 1e-6
 WORKER_TIMEOUT = 240  # seconds, per interpreter
 # tf.distribute is TensorFlow's: JAX's distribution is tested in
-# test_jax_distribution.py.
+# test_jax_scale.py.
 pytestmark = pytest.mark.tensorflow_only
 
 

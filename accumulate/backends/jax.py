@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import keras
 from keras import ops
 
@@ -53,6 +54,69 @@ def assert_equal_counts(counts: list[Any], message: str, model: Any) -> None:
             raise ValueError(message)
 
     jax.debug.callback(check, *counts)
+
+
+# Added to a seed generator's seed on device d (times d): each device's
+# share of a micro-batch draws its own dropout masks, not device 0's.
+_SEED_STRIDE = 0x9E3779B1
+
+
+def data_parallel_devices() -> int:
+    """Devices along the current `keras.distribution`'s batch axis (1: none)."""
+    distribution = keras.distribution.distribution()
+    name = getattr(distribution, "batch_dim_name", None)
+    if distribution is None or name is None:
+        return 1
+    mesh = distribution.device_mesh
+    return int(mesh.shape[list(mesh.axis_names).index(name)])
+
+
+def _split(tensor: Any, devices: int) -> Any:
+    """``(b, ...)`` as ``(devices, b / devices, ...)``, one row per device."""
+    distribution = keras.distribution.distribution()
+    split = jnp.reshape(
+        tensor, (devices, tensor.shape[0] // devices, *tensor.shape[1:])
+    )
+    sharding = jax.sharding.NamedSharding(
+        distribution.device_mesh.backend_mesh,
+        jax.sharding.PartitionSpec(distribution.batch_dim_name),
+    )
+    return jax.lax.with_sharding_constraint(split, sharding)
+
+
+def _joined(tensor: Any) -> Any:
+    return jnp.reshape(tensor, (-1, *tensor.shape[2:]))
+
+
+def _combined(old: Any, per_device: Any, additive: bool) -> Any:
+    """One value from each device's update of a state value.
+
+    ``additive`` (a metric's totals and counts): every device's increment.
+    Otherwise floats (moving statistics) are averaged and integers (step
+    counters, seeds) taken from the first device, which drew as one device
+    would.
+    """
+    if additive and jnp.issubdtype(per_device.dtype, jnp.floating):
+        return old + jnp.sum(per_device - old, axis=0)
+    if jnp.issubdtype(per_device.dtype, jnp.floating):
+        return jnp.mean(per_device, axis=0)
+    return per_device[0]
+
+
+def _micro_batch_loss(losses: Any, weights: Any, summed: bool) -> Any:
+    """The micro-batch's loss from its devices' shares', as one device would
+    log it: their sum, or their mean weighted as the window weighs them
+    (the first share's when none counts: every share's is then the same
+    regularisation alone)."""
+    counted = window.counts(weights)
+    total = jnp.sum(jnp.where(counted, losses * (1.0 if summed else weights), 0.0))
+    if summed:
+        return total
+    total_weight = jnp.sum(jnp.where(counted, weights, 0.0))
+    any_counted = total_weight != 0
+    return jnp.where(
+        any_counted, total / jnp.where(any_counted, total_weight, 1.0), losses[0]
+    )
 
 
 class Accumulation(VariableAccumulation):
@@ -97,6 +161,75 @@ class Accumulation(VariableAccumulation):
             weight,
         )
 
+    def _window_devices(self) -> int:
+        return data_parallel_devices()
+
+    def _gradients_per_device(
+        self,
+        devices: int,
+        window_places: list[int],
+        trainable: list[Any],
+        non_trainable: list[Any],
+        metrics_values: list[Any],
+        optimizer_values: list[Any],
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+    ) -> tuple[tuple, list[Any]]:
+        """Each device's gradient of its share of the micro-batch, unreduced.
+
+        The share's loss is the model's own on ``b / devices`` samples, so
+        `window.add` weighs the shares as micro-batches of their own:
+        exact for every reduction `micro_batch_weight` reads. `jax.vmap`
+        over a leading device axis (split along the batch axis, where the
+        data already lie) keeps every gradient on its device: the
+        contraction over samples happens within each device's rows, and no
+        collective is needed until the window is applied.
+        """
+        window_place_set = set(window_places)
+        own = [i for i in range(len(non_trainable)) if i not in window_place_set]
+        variables = self.non_trainable_variables
+        seeds = {i for i in own if variables[i].name == "seed_generator_state"}
+        data = jax.tree_util.tree_map(
+            lambda tensor: _split(tensor, devices), (x, y, sample_weight)
+        )
+
+        def one_device(device: Any, x: Any, y: Any, sample_weight: Any) -> tuple:
+            values = list(non_trainable)
+            for i in seeds:
+                offset = jnp.stack([device * _SEED_STRIDE, 0]).astype(values[i].dtype)
+                values[i] = values[i] + offset
+            (_, aux), gradients = jax.value_and_grad(
+                self._loss_and_weight, has_aux=True
+            )(
+                trainable,
+                values,
+                metrics_values,
+                optimizer_values,
+                x,
+                y,
+                sample_weight,
+            )
+            loss, y_pred, new_values, new_metrics, weight = aux
+            return (loss, y_pred, [new_values[i] for i in own], new_metrics, weight), (
+                gradients
+            )
+
+        aux, gradients = jax.vmap(one_device)(
+            jnp.arange(devices, dtype="uint32"), *data
+        )
+        losses, y_pred, own_values, new_metrics, weights = aux
+        non_trainable = list(non_trainable)
+        for i, per_device in zip(own, own_values, strict=True):
+            non_trainable[i] = _combined(non_trainable[i], per_device, additive=False)
+        metrics_values = [
+            _combined(old, per_device, additive=True)
+            for old, per_device in zip(metrics_values, new_metrics, strict=True)
+        ]
+        loss = _micro_batch_loss(losses, weights, self._sums_window())
+        y_pred = jax.tree_util.tree_map(_joined, y_pred)
+        return (loss, y_pred, non_trainable, metrics_values, weights), gradients
+
     def _stateless_loss_scale(self, optimizer_variables: list[Any]) -> Any:
         mapping = list(zip(self.optimizer.variables, optimizer_variables, strict=True))
         with keras.StatelessScope(state_mapping=mapping):
@@ -107,21 +240,34 @@ class Accumulation(VariableAccumulation):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if batch_size(x) == 0:
             return self._empty_step(state)
-        gradient_function = jax.value_and_grad(self._loss_and_weight, has_aux=True)
-        (_, aux), gradients = gradient_function(
-            trainable,
-            non_trainable,
-            metrics_values,
-            optimizer_values,
-            x,
-            y,
-            sample_weight,
-        )
-        unscaled_loss, y_pred, non_trainable, metrics_values, weight = aux
-
         # The window's values, by their place among the non-trainable ones.
         position = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
         places = [position[id(v)] for v in self._state_variables()]
+        devices = self._accumulation.devices
+        if devices > 1:
+            aux, gradients = self._gradients_per_device(
+                devices,
+                places,
+                trainable,
+                non_trainable,
+                metrics_values,
+                optimizer_values,
+                x,
+                y,
+                sample_weight,
+            )
+        else:
+            gradient_function = jax.value_and_grad(self._loss_and_weight, has_aux=True)
+            (_, aux), gradients = gradient_function(
+                trainable,
+                non_trainable,
+                metrics_values,
+                optimizer_values,
+                x,
+                y,
+                sample_weight,
+            )
+        unscaled_loss, y_pred, non_trainable, metrics_values, weight = aux
         values = [non_trainable[place] for place in places]
         count = len(self._accumulation.gradient_sums)
         sums, (samples, steps, this_epoch, size), noise = (
@@ -150,7 +296,7 @@ class Accumulation(VariableAccumulation):
         def apply_window(operands: tuple) -> tuple:
             trainable, optimizer_values, sums, samples, steps, noise = operands
             mean = window.mean(
-                sums,
+                self._accumulation.summed(sums),
                 self._window_divisor(samples),
                 self._accumulation.variable_dtypes,
             )

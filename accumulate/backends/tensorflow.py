@@ -200,5 +200,8 @@ class Accumulation:
             children.pop("_apply_function", None)
         return children
 
+    def _saved_value(self, variable: tf.Variable) -> Any:
+        return variable.numpy()
+
     def _assign_saved(self, variable: tf.Variable, value: Any) -> None:
         distributed.assign_total(variable, value, self.distribute_strategy)

@@ -26,11 +26,41 @@ from keras import ops
 from accumulate import noise_scale, window
 
 
-def _variable(shape: tuple[int, ...], dtype: str, name: str) -> keras.Variable:
+def _variable(
+    shape: tuple[int, ...], dtype: str, name: str, layout: Any = None
+) -> keras.Variable:
     # autocast=False: under mixed precision a float32 sum must stay float32
     # when read inside the model's autocast scope.
+    placement = {} if layout is None else {"layout": layout}
     return keras.Variable(
-        "zeros", shape, trainable=False, dtype=dtype, name=name, autocast=False
+        "zeros",
+        shape,
+        trainable=False,
+        dtype=dtype,
+        name=name,
+        autocast=False,
+        **placement,
+    )
+
+
+def _layout(variable: Any, per_device: bool) -> Any:
+    """The layout of ``variable``'s sum under the current `keras.distribution`.
+
+    A sum takes its variable's layout, as Keras's optimizer gives its slots:
+    under `ModelParallel` a sharded kernel's sum is sharded the same way,
+    not replicated on every device. A per-device sum adds a leading axis
+    split over the data-parallel devices: each device holds its own partial
+    sum, shaped as its shard of the variable. Counters take the
+    distribution's default (replicated).
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return None
+    layout = distribution.get_variable_layout(variable)
+    if not per_device:
+        return layout
+    return keras.distribution.TensorLayout(
+        (distribution.batch_dim_name, *layout.axes), distribution.device_mesh
     )
 
 
@@ -42,18 +72,27 @@ class WindowVariables:
         window_size: micro-batches per window, 0 for "epoch" (a variable, so
             a schedule changes it without retracing).
         dtype: the sums' dtype (see `window.accumulation_dtype`).
+        devices: data-parallel devices that each keep a partial sum (a
+            leading axis of the sums; 1: one sum, no such axis).
     """
 
     def __init__(
-        self, variables: Sequence[Any], window_size: int, dtype: str = "float32"
+        self,
+        variables: Sequence[Any],
+        window_size: int,
+        dtype: str = "float32",
+        devices: int = 1,
     ):
         self.accumulated_variables = tuple(variables)
         self.variable_dtypes = [variable.dtype for variable in variables]
+        self.devices = devices
+        per_device = (devices,) if devices > 1 else ()
         self.gradient_sums = [
             _variable(
-                tuple(variable.shape),
+                (*per_device, *variable.shape),
                 window.accumulation_dtype(variable.dtype, dtype),
                 f"gradient_sum_{index}",
+                _layout(variable, devices > 1),
             )
             for index, variable in enumerate(variables)
         ]
@@ -82,6 +121,16 @@ class WindowVariables:
     def variables_to_save(self) -> list[keras.Variable]:
         """What a checkpoint holds (as TensorFlow's state: window size is not)."""
         return self.variables[:-1]
+
+    def summed(self, values: Sequence[Any]) -> list[Any]:
+        """The window's sums from the sums' ``values``: per-device partial
+        sums added up (the window's one cross-device reduction)."""
+        if self.devices == 1:
+            return list(values)
+        return [ops.sum(value, axis=0) for value in values]
+
+    def is_per_device(self, variable: Any) -> bool:
+        return self.devices > 1 and any(variable is s for s in self.gradient_sums)
 
     def reset(self) -> None:
         for gradient_sum in self.gradient_sums:
@@ -162,7 +211,20 @@ class VariableAccumulation:
             self._sync_state()
             self._accumulation.window_size.assign(self._window_size_value())
 
+    def _saved_value(self, variable: keras.Variable) -> np.ndarray:
+        # Saved as one sum whatever the device count, so that a file
+        # loads on any number of devices.
+        value = np.asarray(variable.numpy())
+        if self._accumulation.is_per_device(variable):
+            return value.sum(axis=0)
+        return value
+
     def _assign_saved(self, variable: keras.Variable, value: Any) -> None:
+        if self._accumulation.is_per_device(variable):
+            # The whole sum on the first device, nothing on the others.
+            per_device = np.zeros(tuple(variable.shape), value.dtype)
+            per_device[0] = value
+            value = per_device
         variable.assign(value)
 
     def _state_scope(self) -> contextlib.AbstractContextManager:
@@ -172,10 +234,16 @@ class VariableAccumulation:
         self, variables: Sequence[Any]
     ) -> tuple[WindowVariables, NoiseVariables | None]:
         meter = NoiseVariables() if self._measure_noise_scale else None
+        # The noise scale needs each micro-batch's whole gradient: reduced.
+        devices = 1 if self._measure_noise_scale else self._window_devices()
         state = WindowVariables(
-            variables, self._window_size_value(), self._accumulation_dtype
+            variables, self._window_size_value(), self._accumulation_dtype, devices
         )
         return state, meter
+
+    def _window_devices(self) -> int:
+        """Devices that each keep a partial sum of the window (see JAX's)."""
+        return 1
 
     def _apply_open_window(self) -> None:
         self._sync_state()
@@ -186,7 +254,7 @@ class VariableAccumulation:
             self.optimizer.build(list(state.accumulated_variables))
         samples = state.samples.value
         gradients = window.mean(
-            [gradient_sum.value for gradient_sum in state.gradient_sums],
+            state.summed([gradient_sum.value for gradient_sum in state.gradient_sums]),
             self._window_divisor(samples),
             state.variable_dtypes,
         )

@@ -1,0 +1,275 @@
+"""The worker of `tests/test_jax_scale.py`: one interpreter, 4 CPU devices.
+
+``python tests/jax_scale_worker.py OUT.json`` with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``: trains one
+accumulating model with no distribution, under `DataParallel` over the 4
+devices and under `ModelParallel` on a 2 x 2 mesh whose `LayoutMap` shards
+both Dense kernels, from the same weights on the same data, and writes the
+weights, every window sum's placement against its variable's, and the
+collectives in each compiled program (`accumulate.hlo`-style counts done
+here: the test reads numbers, not HLO).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+import jax
+import keras
+import numpy as np
+
+import accumulate
+
+STEPS = 4  # micro-batches per window
+BATCH = 8  # micro-batch: 2 samples per device on 4 devices
+SAMPLES = 100  # 12 whole micro-batches and a ragged one of 4
+CLASSES = 4
+LOSSES = ("sum_over_batch_size", "mean_with_sample_weight")
+_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
+_SHAPE = re.compile(r"(f64|f32|s32|u32|bf16|f16|pred)\[([\d,]*)\]")
+_COLLECTIVE = re.compile(
+    r"= (.*?) (all-reduce|all-reduce-start|reduce-scatter|all-gather|"
+    r"all-gather-start|all-to-all|collective-permute|collective-permute-start)\("
+)
+
+
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, 6)).astype("float32")
+    y = rng.integers(0, CLASSES, size=SAMPLES)
+    weights = rng.uniform(0.5, 2.0, size=SAMPLES).astype("float32")
+    weights[8:10] = 0.0  # micro-batch 1: the first device's share weighs 0
+    weights[16:24] = 0.0  # micro-batch 2 weighs 0 on every device
+    return x, y, weights
+
+
+def build(reduction: str) -> accumulate.AccumulatingModel:
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(
+        8,
+        activation="tanh",
+        kernel_regularizer=keras.regularizers.L2(1e-3),
+        name="hidden",
+    )(inputs)
+    outputs = keras.layers.Dense(CLASSES, name="logits")(hidden)
+    model = accumulate.AccumulatingModel(inputs, outputs, accumulation_steps=STEPS)
+    compile_model(model, reduction)
+    return model
+
+
+def compile_model(model: keras.Model, reduction: str) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=reduction
+        ),
+        metrics=["accuracy"],
+    )
+
+
+def collectives(hlo: str) -> list[dict[str, Any]]:
+    """Every collective in an HLO module: op, bytes, and whether it sits in
+    a conditional's branch (the window's apply)."""
+    branches = set()
+    for match in re.finditer(r"branch_computations=\{([^}]*)\}", hlo):
+        branches.update(name.strip().lstrip("%") for name in match.group(1).split(","))
+    for match in re.finditer(r"true_computation=%?([\w.-]+)", hlo):
+        branches.add(match.group(1))
+    found = []
+    computation = None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.-]+) .*\{$", line)
+        if header and not line.startswith(" "):
+            computation = header.group(1)
+            continue
+        match = _COLLECTIVE.search(line)
+        if match is None:
+            continue
+        size = 0
+        for dtype, dims in _SHAPE.findall(match.group(1)):
+            count = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            size += count * _BYTES[dtype]
+        groups = re.search(r"replica_groups=(.*?), (?:use_global|to_apply|metad)", line)
+        found.append(
+            {
+                "op": match.group(2).replace("-start", ""),
+                "bytes": size,
+                "in_apply": computation in branches,
+                "across_batch": _across_batch(groups.group(1) if groups else ""),
+            }
+        )
+    return found
+
+
+def _across_batch(groups: str) -> bool:
+    """Whether a collective's groups span the mesh's first (batch) axis.
+
+    XLA prints groups as a mesh and its reduced axes (``mesh[...]
+    {'axis_0'}``) or as device lists; devices are numbered row-major, so on
+    the 2 x 2 mesh the batch axis groups {0,2} and {1,3}, and on one axis of
+    4 every group of several devices spans it.
+    """
+    if groups.startswith("mesh"):
+        return "'axis_0'" in groups.rsplit("{", 1)[-1]
+    lists = re.findall(r"\{([\d,]+)\}", groups)
+    if not lists:
+        return True  # no groups: every device
+    first = [int(device) for device in lists[0].split(",")]
+    return len(first) == 4 or (len(first) > 1 and first[1] - first[0] != 1)
+
+
+def placed(batch: Any, distribution: Any) -> Any:
+    if distribution is None:
+        return batch
+    return jax.tree_util.tree_map(
+        lambda array: jax.device_put(
+            array, distribution.get_data_layout(array.shape).backend_layout
+        ),
+        batch,
+    )
+
+
+def train_step_hlo(model: keras.Model, batch: tuple) -> str:
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+    batch = placed(batch, keras.distribution.distribution())
+    return jax.jit(model.train_step).lower(state, batch).compile().as_text()
+
+
+def placements(model: accumulate.AccumulatingModel) -> list[dict[str, Any]]:
+    state = model._accumulation
+    found = []
+    for variable, gradient_sum in zip(
+        state.accumulated_variables, state.gradient_sums, strict=True
+    ):
+        value, summed = variable.value, gradient_sum.value
+        found.append(
+            {
+                "variable": variable.path,
+                "variable_spec": list(map(str, value.sharding.spec)),
+                "sum_spec": list(map(str, summed.sharding.spec)),
+                "variable_shard": list(value.sharding.shard_shape(value.shape)),
+                "sum_shard": list(summed.sharding.shard_shape(summed.shape)),
+                "variable_device_bytes": value.addressable_shards[0].data.nbytes,
+                "sum_device_bytes": summed.addressable_shards[0].data.nbytes,
+                "sum_bytes": int(np.prod(summed.shape)) * summed.dtype.itemsize,
+                "variable_bytes": int(np.prod(value.shape)) * value.dtype.itemsize,
+            }
+        )
+    for counter in (state.samples, state.steps):
+        found.append(
+            {
+                "variable": counter.name,
+                "sum_spec": list(map(str, counter.value.sharding.spec)),
+            }
+        )
+    return found
+
+
+def distributions() -> dict[str, Any]:
+    devices = jax.devices()
+    mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"), devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map["hidden/kernel"] = (None, "model")
+    layout_map["logits/kernel"] = ("model", None)
+    return {
+        "single": None,
+        "data": keras.distribution.DataParallel(devices=devices),
+        "model": keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        ),
+    }
+
+
+def run(out_path: str) -> None:
+    x, y, weights = data()
+    keras.utils.set_random_seed(0)
+    initial = build("sum_over_batch_size").get_weights()
+    results: dict[str, Any] = {}
+    for name, distribution in distributions().items():
+        keras.distribution.set_distribution(distribution)
+        for reduction in LOSSES:
+            model = build(reduction)
+            model.set_weights(initial)
+            history = model.fit(
+                x,
+                y,
+                sample_weight=weights,
+                batch_size=BATCH,
+                epochs=2,
+                shuffle=False,
+                verbose=0,
+            )
+            run_result: dict[str, Any] = {
+                "weights": [w.tolist() for w in model.get_weights()],
+                "iterations": int(model.optimizer.iterations),
+                "loss": history.history["loss"],
+                "devices": model._accumulation.devices,
+            }
+            if reduction == LOSSES[0]:
+                batch = (x[:BATCH], y[:BATCH], weights[:BATCH])
+                run_result["collectives"] = collectives(train_step_hlo(model, batch))
+                if distribution is not None:
+                    run_result["saved"] = saved_window(model, batch, out_path)
+                    run_result["placements"] = placements(model)
+                    run_result["plain_collectives"] = plain_collectives(initial, batch)
+            results[f"{name}/{reduction}"] = run_result
+    keras.distribution.set_distribution(None)
+    with open(out_path, "w") as file:
+        json.dump(results, file)
+
+
+def saved_window(model: keras.Model, batch: tuple, out_path: str) -> dict:
+    """An open window's sums, and those of the model saved and loaded on
+    one device: per-device partial sums are saved as one sum."""
+    for _ in range(2):
+        model.train_on_batch(*batch)
+    state = model._accumulation
+    sums = state.summed([gradient_sum.value for gradient_sum in state.gradient_sums])
+    path = f"{out_path}.keras"
+    model.save(path)
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    loaded = keras.models.load_model(path)
+    keras.distribution.set_distribution(distribution)
+    loaded_sums = [
+        gradient_sum.numpy() for gradient_sum in loaded._accumulation.gradient_sums
+    ]
+    return {
+        "sums": [np.asarray(value).tolist() for value in sums],
+        "loaded_sums": [value.tolist() for value in loaded_sums],
+        "samples": [model.samples_accumulated, loaded.samples_accumulated],
+        "loaded_devices": loaded._accumulation.devices,
+    }
+
+
+def plain_collectives(initial: list, batch: tuple) -> dict[str, Any]:
+    """The collectives of plain Keras's step and of Keras's built-in
+    accumulation (``gradient_accumulation_steps``), same model."""
+    found = {}
+    for name, keras_steps in (("plain", None), ("keras", STEPS)):
+        inputs = keras.Input((6,))
+        hidden = keras.layers.Dense(8, activation="tanh", name="hidden")(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(CLASSES, name="logits")(hidden))
+        model.compile(
+            optimizer=keras.optimizers.Adam(
+                0.01, gradient_accumulation_steps=keras_steps
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        model.set_weights(initial)
+        model.fit(*batch[:2], batch_size=BATCH, epochs=1, verbose=0)
+        found[name] = collectives(train_step_hlo(model, batch))
+    return found
+
+
+if __name__ == "__main__":
+    run(sys.argv[1])

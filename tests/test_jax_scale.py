@@ -1,0 +1,139 @@
+"""JAX at scale: window sums placed like their weights, one reduction per window.
+
+On 4 virtual CPU devices (a fresh interpreter: `tests/jax_scale_worker.py`),
+one accumulating model trains with no distribution, under `DataParallel`
+and under `ModelParallel` on a 2 x 2 mesh that shards both Dense kernels,
+with sample weights that empty one device's share of a micro-batch and a
+whole micro-batch, a ragged last micro-batch, L2 regularisation, Adam, and
+two loss reductions. The oracle is the model's own single-device run, whose
+exactness against plain Keras steps the rest of the suite proves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import BACKEND
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+pytestmark = [
+    pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's"),
+    pytest.mark.slow,
+]
+DISTRIBUTIONS = ("data", "model")
+REDUCTIONS = ("sum_over_batch_size", "mean_with_sample_weight")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("jax-scale") / "runs.json"
+    environment = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": str(ROOT),
+    }
+    subprocess.run(
+        [sys.executable, str(HERE / "jax_scale_worker.py"), str(out)],
+        env=environment,
+        check=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_distributed_weights_equal_the_single_device_weights(
+    runs, distribution, reduction
+):
+    single = runs[f"single/{reduction}"]
+    run = runs[f"{distribution}/{reduction}"]
+    # Per-device sums are in use: 4 data-parallel devices, or 2 on the mesh.
+    assert single["devices"] == 1
+    assert run["devices"] == (4 if distribution == "data" else 2)
+    assert run["iterations"] == single["iterations"]
+    for ours, oracle in zip(run["weights"], single["weights"], strict=True):
+        np.testing.assert_allclose(ours, oracle, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_every_sum_is_sharded_like_its_variable(runs, distribution):
+    run = runs[f"{distribution}/sum_over_batch_size"]
+    *sums, samples, steps = run["placements"]
+    batch_devices = run["devices"]
+    for placement in sums:
+        spec = placement["variable_spec"]
+        spec = spec + ["None"] * (len(placement["sum_spec"]) - 1 - len(spec))
+        # The variable's layout, behind one axis over the batch devices.
+        assert placement["sum_spec"] == ["batch", *spec]
+        assert placement["sum_shard"] == [1, *placement["variable_shard"]]
+        assert placement["sum_device_bytes"] == placement["variable_device_bytes"]
+        variable_shards = (
+            placement["variable_bytes"] // placement["variable_device_bytes"]
+        )
+        assert (
+            placement["sum_device_bytes"] * batch_devices * variable_shards
+            == placement["sum_bytes"]
+        )
+    kernels = [p for p in sums if p["variable"].endswith("kernel")]
+    if distribution == "model":
+        # The LayoutMap shards both kernels over "model": so are their sums.
+        assert all("model" in p["sum_spec"] for p in kernels)
+        assert all(p["sum_device_bytes"] * 4 == p["sum_bytes"] for p in kernels)
+    assert samples["sum_spec"] == steps["sum_spec"] == []
+
+
+def _bytes(collectives: list[dict], in_apply: bool) -> int:
+    return sum(
+        c["bytes"]
+        for c in collectives
+        if c["across_batch"] and c["in_apply"] == in_apply
+    )
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_one_gradient_reduction_per_window(runs, distribution, record_property):
+    run = runs[f"{distribution}/sum_over_batch_size"]
+    ours = run["collectives"]
+    plain = run["plain_collectives"]["plain"]
+    keras_builtin = run["plain_collectives"]["keras"]
+    plain_per_step = _bytes(plain, in_apply=False)
+    per_micro_batch = _bytes(ours, in_apply=False)
+    per_apply = _bytes(ours, in_apply=True)
+    record_property("ours_bytes_across_batch_per_micro_batch", per_micro_batch)
+    record_property("ours_bytes_across_batch_per_apply", per_apply)
+    record_property("plain_bytes_across_batch_per_step", plain_per_step)
+    # A micro-batch reduces across devices only its loss and weight (two
+    # float32 scalars: what the progress bar and the window's count need).
+    assert per_micro_batch <= 8
+    # The apply reduces the window once, in one all-reduce: the gradient
+    # bytes a plain step reduces (XLA reduces each device's shard of a
+    # model-sharded gradient), less the plain step's two scalars.
+    applies = [c for c in ours if c["in_apply"] and c["across_batch"]]
+    assert [c["op"] for c in applies] == ["all-reduce"]
+    assert per_apply >= plain_per_step - 8 > 100
+    # Plain Keras and Keras's built-in reduce the gradient every step,
+    # outside any branch: N reductions per window of N.
+    assert _bytes(keras_builtin, in_apply=False) == plain_per_step
+    assert not any(c["in_apply"] for c in plain + keras_builtin)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_an_open_window_saves_as_one_sum(runs, distribution):
+    saved = runs[f"{distribution}/sum_over_batch_size"]["saved"]
+    assert saved["loaded_devices"] == 1
+    assert saved["samples"][0] == saved["samples"][1] == 16
+    for ours, loaded in zip(saved["sums"], saved["loaded_sums"], strict=True):
+        assert np.any(np.asarray(ours) != 0)
+        np.testing.assert_allclose(loaded, ours, rtol=1e-6, atol=1e-7)
