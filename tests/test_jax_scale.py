@@ -137,3 +137,26 @@ def test_an_open_window_saves_as_one_sum(runs, distribution):
     for ours, loaded in zip(saved["sums"], saved["loaded_sums"], strict=True):
         assert np.any(np.asarray(ours) != 0)
         np.testing.assert_allclose(loaded, ours, rtol=1e-6, atol=1e-7)
+
+
+def test_two_processes_end_with_the_single_process_weights(tmp_path):
+    """examples/multi_process_jax.py: 2 processes x 2 devices vs 1 process."""
+    out = tmp_path / "multi_process.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "multi_process_jax.py"),
+            *("--json", str(out), "--timeout", "300"),
+        ],
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+        check=True,
+        timeout=400,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    result = json.loads(out.read_text())
+    for process in range(2):
+        assert result[f"process{process}_devices"] == 4
+        assert result[f"process{process}_window_devices"] == 4
+        assert result[f"process{process}_updates"] == result["single_process_updates"]
+        assert result[f"process{process}_max_abs_diff"] < 1e-6
