@@ -221,9 +221,55 @@ def run(out_path: str) -> None:
                     run_result["placements"] = placements(model)
                     run_result["plain_collectives"] = plain_collectives(initial, batch)
             results[f"{name}/{reduction}"] = run_result
+        if distribution is not None:
+            results[f"{name}/dropout"] = dropout_draws()
     keras.distribution.set_distribution(None)
     with open(out_path, "w") as file:
         json.dump(results, file)
+
+
+def dropout_draws() -> dict[str, Any]:
+    """One micro-batch's dropout masks on each device's share, and the seed
+    generator's state after the step, from the per-device gradient pass."""
+    inputs = keras.Input((64,))
+    dropped = keras.layers.Dropout(0.5, seed=3)(inputs)
+    model = accumulate.AccumulatingModel(
+        inputs, keras.layers.Dense(CLASSES)(dropped), accumulation_steps=STEPS
+    )
+    compile_model(model, "sum_over_batch_size")
+    x = np.ones((BATCH, 64), "float32")
+    y = np.zeros(BATCH, "int64")
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    trainable, non_trainable, optimizer_values, metrics_values = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+    position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+    places = [position[id(v)] for v in model._state_variables()]
+    seed = next(
+        i
+        for i, v in enumerate(model.non_trainable_variables)
+        if v.name == "seed_generator_state"
+    )
+    (_, y_pred, after, _, _), _ = model._gradients_per_device(
+        model._accumulation.devices,
+        places,
+        trainable,
+        non_trainable,
+        metrics_values,
+        optimizer_values,
+        x,
+        y,
+        None,
+    )
+    return {
+        "devices": model._accumulation.devices,
+        "y_pred": np.asarray(y_pred).tolist(),
+        "seed_before": np.asarray(non_trainable[seed]).tolist(),
+        "seed_after": np.asarray(after[seed]).tolist(),
+    }
 
 
 def saved_window(model: keras.Model, batch: tuple, out_path: str) -> dict:

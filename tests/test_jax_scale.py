@@ -160,3 +160,15 @@ def test_two_processes_end_with_the_single_process_weights(tmp_path):
         assert result[f"process{process}_window_devices"] == 4
         assert result[f"process{process}_updates"] == result["single_process_updates"]
         assert result[f"process{process}_max_abs_diff"] < 1e-6
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_each_device_share_draws_its_own_dropout_mask(runs, distribution):
+    draws = runs[f"{distribution}/dropout"]
+    shares = np.split(np.asarray(draws["y_pred"]), draws["devices"])
+    # Every input is 1: equal shares would mean one mask on every device.
+    for share in shares[1:]:
+        assert not np.allclose(share, shares[0])
+    # The generator moves on as after one plain step: one draw.
+    before, after = draws["seed_before"], draws["seed_after"]
+    assert after == [before[0], before[1] + 1]

@@ -197,7 +197,9 @@ class Accumulation(VariableAccumulation):
         def one_device(device: Any, x: Any, y: Any, sample_weight: Any) -> tuple:
             values = list(non_trainable)
             for i in seeds:
-                offset = jnp.stack([device * _SEED_STRIDE, 0]).astype(values[i].dtype)
+                offset = jnp.stack([device * jnp.uint32(_SEED_STRIDE), 0]).astype(
+                    values[i].dtype
+                )
                 values[i] = values[i] + offset
             (_, aux), gradients = jax.value_and_grad(
                 self._loss_and_weight, has_aux=True
