@@ -6,14 +6,13 @@ accumulating model with no distribution, under `DataParallel` over the 4
 devices and under `ModelParallel` on a 2 x 2 mesh whose `LayoutMap` shards
 both Dense kernels, from the same weights on the same data, and writes the
 weights, every window sum's placement against its variable's, and the
-collectives in each compiled program (`accumulate.hlo`-style counts done
-here: the test reads numbers, not HLO).
+collectives in each compiled program (`benchmarks.collectives`: the test
+reads numbers, not HLO).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from typing import Any
 
@@ -22,18 +21,13 @@ import keras
 import numpy as np
 
 import accumulate
+from benchmarks.collectives import collectives
 
 STEPS = 4  # micro-batches per window
 BATCH = 8  # micro-batch: 2 samples per device on 4 devices
 SAMPLES = 100  # 12 whole micro-batches and a ragged one of 4
 CLASSES = 4
 LOSSES = ("sum_over_batch_size", "mean_with_sample_weight")
-_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
-_SHAPE = re.compile(r"(f64|f32|s32|u32|bf16|f16|pred)\[([\d,]*)\]")
-_COLLECTIVE = re.compile(
-    r"= (.*?) (all-reduce|all-reduce-start|reduce-scatter|all-gather|"
-    r"all-gather-start|all-to-all|collective-permute|collective-permute-start)\("
-)
 
 
 def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,55 +64,11 @@ def compile_model(model: keras.Model, reduction: str) -> None:
     )
 
 
-def collectives(hlo: str) -> list[dict[str, Any]]:
-    """Every collective in an HLO module: op, bytes, and whether it sits in
-    a conditional's branch (the window's apply)."""
-    branches = set()
-    for match in re.finditer(r"branch_computations=\{([^}]*)\}", hlo):
-        branches.update(name.strip().lstrip("%") for name in match.group(1).split(","))
-    for match in re.finditer(r"true_computation=%?([\w.-]+)", hlo):
-        branches.add(match.group(1))
-    found = []
-    computation = None
-    for line in hlo.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.-]+) .*\{$", line)
-        if header and not line.startswith(" "):
-            computation = header.group(1)
-            continue
-        match = _COLLECTIVE.search(line)
-        if match is None:
-            continue
-        size = 0
-        for dtype, dims in _SHAPE.findall(match.group(1)):
-            count = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-            size += count * _BYTES[dtype]
-        groups = re.search(r"replica_groups=(.*?), (?:use_global|to_apply|metad)", line)
-        found.append(
-            {
-                "op": match.group(2).replace("-start", ""),
-                "bytes": size,
-                "in_apply": computation in branches,
-                "across_batch": _across_batch(groups.group(1) if groups else ""),
-            }
-        )
-    return found
-
-
-def _across_batch(groups: str) -> bool:
-    """Whether a collective's groups span the mesh's first (batch) axis.
-
-    XLA prints groups as a mesh and its reduced axes (``mesh[...]
-    {'axis_0'}``) or as device lists; devices are numbered row-major, so on
-    the 2 x 2 mesh the batch axis groups {0,2} and {1,3}, and on one axis of
-    4 every group of several devices spans it.
-    """
-    if groups.startswith("mesh"):
-        return "'axis_0'" in groups.rsplit("{", 1)[-1]
-    lists = re.findall(r"\{([\d,]+)\}", groups)
-    if not lists:
-        return True  # no groups: every device
-    first = [int(device) for device in lists[0].split(",")]
-    return len(first) == 4 or (len(first) > 1 and first[1] - first[0] != 1)
+def devices_per_row(distribution: Any) -> int:
+    if distribution is None:
+        return 1
+    shape = distribution.device_mesh.shape
+    return int(np.prod(shape)) // shape[0]
 
 
 def placed(batch: Any, distribution: Any) -> Any:
@@ -215,7 +165,9 @@ def run(out_path: str) -> None:
             }
             if reduction == LOSSES[0]:
                 batch = (x[:BATCH], y[:BATCH], weights[:BATCH])
-                run_result["collectives"] = collectives(train_step_hlo(model, batch))
+                run_result["collectives"] = collectives(
+                    train_step_hlo(model, batch), devices_per_row(distribution)
+                )
                 if distribution is not None:
                     run_result["saved"] = saved_window(model, batch, out_path)
                     run_result["placements"] = placements(model)
@@ -313,7 +265,10 @@ def plain_collectives(initial: list, batch: tuple) -> dict[str, Any]:
         )
         model.set_weights(initial)
         model.fit(*batch[:2], batch_size=BATCH, epochs=1, verbose=0)
-        found[name] = collectives(train_step_hlo(model, batch))
+        found[name] = collectives(
+            train_step_hlo(model, batch),
+            devices_per_row(keras.distribution.distribution()),
+        )
     return found
 
 

@@ -94,11 +94,11 @@ def test_every_sum_is_sharded_like_its_variable(runs, distribution):
     assert samples["sum_spec"] == steps["sum_spec"] == []
 
 
-def _bytes(collectives: list[dict], in_apply: bool) -> int:
+def _bytes(collectives: list[dict], in_branch: bool) -> int:
     return sum(
         c["bytes"]
         for c in collectives
-        if c["across_batch"] and c["in_apply"] == in_apply
+        if c["across_batch"] and c["in_branch"] == in_branch
     )
 
 
@@ -108,9 +108,9 @@ def test_one_gradient_reduction_per_window(runs, distribution, record_property):
     ours = run["collectives"]
     plain = run["plain_collectives"]["plain"]
     keras_builtin = run["plain_collectives"]["keras"]
-    plain_per_step = _bytes(plain, in_apply=False)
-    per_micro_batch = _bytes(ours, in_apply=False)
-    per_apply = _bytes(ours, in_apply=True)
+    plain_per_step = _bytes(plain, in_branch=False)
+    per_micro_batch = _bytes(ours, in_branch=False)
+    per_apply = _bytes(ours, in_branch=True)
     record_property("ours_bytes_across_batch_per_micro_batch", per_micro_batch)
     record_property("ours_bytes_across_batch_per_apply", per_apply)
     record_property("plain_bytes_across_batch_per_step", plain_per_step)
@@ -120,13 +120,13 @@ def test_one_gradient_reduction_per_window(runs, distribution, record_property):
     # The apply reduces the window once, in one all-reduce: the gradient
     # bytes a plain step reduces (XLA reduces each device's shard of a
     # model-sharded gradient), less the plain step's two scalars.
-    applies = [c for c in ours if c["in_apply"] and c["across_batch"]]
+    applies = [c for c in ours if c["in_branch"] and c["across_batch"]]
     assert [c["op"] for c in applies] == ["all-reduce"]
     assert per_apply >= plain_per_step - 8 > 100
     # Plain Keras and Keras's built-in reduce the gradient every step,
     # outside any branch: N reductions per window of N.
-    assert _bytes(keras_builtin, in_apply=False) == plain_per_step
-    assert not any(c["in_apply"] for c in plain + keras_builtin)
+    assert _bytes(keras_builtin, in_branch=False) == plain_per_step
+    assert not any(c["in_branch"] for c in plain + keras_builtin)
 
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
