@@ -112,7 +112,10 @@ def run(processes: int, devices_per_process: int, timeout: float) -> dict:
         **os.environ,
         "KERAS_BACKEND": "jax",
         "TF_CPP_MIN_LOG_LEVEL": "2",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+        # Each virtual device's ops on one thread: on a small machine, a
+        # thread waiting in an all-reduce can otherwise starve the others.
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"
+        " --xla_cpu_multi_thread_eigen=false",
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -8,15 +8,17 @@
 #                        backends -> results/bench-memory.{json,png} (~45 min)
 #   make bench-transformer  the GPT-2's epoch time, ours against plain fit and Keras's
 #                        built-in, three backends -> results/{,jax/,torch/}bench-transformer.json
+#   make bench-jax-scale data parallelism on 4 virtual devices: time and bytes reduced
+#                        per window, ours, plain and Keras's -> results/jax/bench-scale.json
 #   make gpu-wheels      what benchmarks/gpu_check.sh needs on the accelerator machine
 # BENCH_ARGS is passed to every script, e.g. make bench BENCH_ARGS='--threads 2'.
 BENCH_ARGS ?=
 BENCH_ENV := TF_CPP_MIN_LOG_LEVEL=2
 
 .PHONY: bench bench-scaling bench-quick profile exactness bench-memory \
-	bench-transformer gpu-wheels
+	bench-transformer bench-jax-scale gpu-wheels
 
-bench: $(STAMP) bench-transformer
+bench: $(STAMP) bench-transformer bench-jax-scale
 	$(BENCH_ENV) $(PY) benchmarks/bench.py --data-dir $(ACCUMULATE_DATA_DIR) --out results $(BENCH_ARGS)
 
 # A compute-bound model: each backend in its own process (~5 min each).
@@ -60,3 +62,8 @@ gpu-wheels:
 		--implementation cp --abi cp312 $(GPU_PLATFORMS) -d gpu-wheels \
 		-r benchmarks/gpu-requirements.txt
 	du -sh gpu-wheels
+
+# Data parallelism on 4 virtual CPU devices: each train step's time, and the
+# bytes it reduces across devices, read from its compiled HLO (~2 min).
+bench-jax-scale: .venv-jax/.installed
+	$(BENCH_ENV) .venv-jax/bin/python benchmarks/jax_scale.py --out results/jax $(BENCH_ARGS)

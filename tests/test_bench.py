@@ -140,3 +140,28 @@ def test_memory_measures_each_variant_in_its_own_process(tmp_path: Path) -> None
         (runs["plain-4"]["peak_added_bytes"] + full["float32_weight_copy_bytes"])
         / 2**20
     )
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
+def test_jax_scale_reduces_one_window_of_gradients(tmp_path: Path) -> None:
+    _run("jax_scale.py", tmp_path, "--rounds", "2")
+    report = json.loads((tmp_path / "bench-scale.json").read_text())
+    assert report["devices"] == 4
+    programs, windows = report["programs"], report["per_window"]
+    assert set(windows) == {"plain", "ours", "ours-reduced", "keras"}
+    for name, program in programs.items():
+        assert program["wall_ms"] > 0 and program["hlo_instructions"] > 0, name
+    # Per micro-batch, ours reduces a few scalars; its apply, the gradients.
+    ours = programs["ours/micro-batch"]
+    assert ours["bytes_across_batch"] - ours["bytes_across_batch_in_branch"] <= 32
+    assert ours["bytes_across_batch_in_branch"] >= report["gradient_bytes"]
+    steps = report["accumulation_steps"]
+    assert windows["plain"]["bytes_across_batch"] >= steps * report["gradient_bytes"]
+    for name in ("keras", "ours-reduced"):
+        assert (
+            windows[name]["bytes_across_batch"]
+            >= windows["plain"]["bytes_across_batch"]
+        )
+    assert windows["ours"]["bytes_across_batch"] * steps <= (
+        windows["plain"]["bytes_across_batch"] * 1.01
+    )

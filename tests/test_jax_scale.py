@@ -38,7 +38,10 @@ def runs(tmp_path_factory) -> dict:
     environment = {
         **os.environ,
         "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        # One thread per virtual device's ops (benchmarks/jax_scale.py:
+        # a pool thread waiting in an all-reduce can starve the others).
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+        "--xla_cpu_multi_thread_eigen=false",
         "PYTHONPATH": str(ROOT),
     }
     subprocess.run(
