@@ -175,6 +175,7 @@ def run(out_path: str) -> None:
             results[f"{name}/{reduction}"] = run_result
         if distribution is not None:
             results[f"{name}/dropout"] = dropout_draws()
+            results[f"{name}/noise_scale"] = noise_scale_run(x, y)
     keras.distribution.set_distribution(None)
     with open(out_path, "w") as file:
         json.dump(results, file)
@@ -224,6 +225,24 @@ def dropout_draws() -> dict[str, Any]:
     }
 
 
+def noise_scale_run(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """The noise scale needs each micro-batch's whole gradient: one sum."""
+    inputs = keras.Input((6,))
+    model = accumulate.AccumulatingModel(
+        inputs,
+        keras.layers.Dense(CLASSES)(inputs),
+        accumulation_steps=STEPS,
+        measure_noise_scale=True,
+    )
+    compile_model(model, "sum_over_batch_size")
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    return {
+        "devices": model._accumulation.devices,
+        "logs": sorted(history.history),
+        "iterations": int(model.optimizer.iterations),
+    }
+
+
 def saved_window(model: keras.Model, batch: tuple, out_path: str) -> dict:
     """An open window's sums, and those of the model saved and loaded on
     one device: per-device partial sums are saved as one sum."""
@@ -240,11 +259,19 @@ def saved_window(model: keras.Model, batch: tuple, out_path: str) -> dict:
     loaded_sums = [
         gradient_sum.numpy() for gradient_sum in loaded._accumulation.gradient_sums
     ]
+    # And back onto the devices: the whole sum on the first.
+    reloaded = keras.models.load_model(path)
+    reloaded_state = reloaded._accumulation
+    reloaded_sums = reloaded_state.summed(
+        [gradient_sum.value for gradient_sum in reloaded_state.gradient_sums]
+    )
     return {
         "sums": [np.asarray(value).tolist() for value in sums],
         "loaded_sums": [value.tolist() for value in loaded_sums],
         "samples": [model.samples_accumulated, loaded.samples_accumulated],
         "loaded_devices": loaded._accumulation.devices,
+        "reloaded_sums": [np.asarray(value).tolist() for value in reloaded_sums],
+        "reloaded_devices": reloaded_state.devices,
     }
 
 

@@ -140,6 +140,21 @@ def test_an_open_window_saves_as_one_sum(runs, distribution):
     for ours, loaded in zip(saved["sums"], saved["loaded_sums"], strict=True):
         assert np.any(np.asarray(ours) != 0)
         np.testing.assert_allclose(loaded, ours, rtol=1e-6, atol=1e-7)
+    assert (
+        saved["reloaded_devices"]
+        == runs[f"{distribution}/sum_over_batch_size"]["devices"]
+    )
+    for ours, reloaded in zip(saved["sums"], saved["reloaded_sums"], strict=True):
+        np.testing.assert_allclose(reloaded, ours, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_the_noise_scale_keeps_one_sum(runs, distribution):
+    run = runs[f"{distribution}/noise_scale"]
+    assert run["devices"] == 1
+    # 13 micro-batches: 3 windows of 4, and the last one flushed.
+    assert run["iterations"] == 4
+    assert any("noise" in key for key in run["logs"])
 
 
 def test_two_processes_end_with_the_single_process_weights(tmp_path):

@@ -9,6 +9,13 @@ and a `jax.lax.cond` applies the optimizer (``stateless_apply``) when the
 window is complete. Nothing leaves the compiled step: no host sync per
 micro-batch.
 
+Under a `keras.distribution` with a batch axis of several devices, each
+device keeps its own partial sums (a leading axis of the sums, laid out over
+the batch axis): the step computes each device's gradient of its share with
+`jax.vmap` over that axis, so no gradient crosses devices until the window
+is applied, where the sums are added up: one all-reduce per window
+(docs/design.md, "JAX at scale").
+
 Outside the jitted step (epoch-end flush, `apply_accumulated_gradients`)
 the window is applied eagerly to the variables; Keras's JAX `fit` writes its
 state back to the variables before validation and ``on_epoch_end``, and
