@@ -201,6 +201,10 @@ class Accumulation(VariableAccumulation):
             lambda tensor: _split(tensor, devices), (x, y, sample_weight)
         )
 
+        # What the call updates (traced once): only that leaves the vmap,
+        # so frozen weights are not broadcast to every device and back.
+        updated, updated_metrics = [], []
+
         def one_device(device: Any, x: Any, y: Any, sample_weight: Any) -> tuple:
             values = list(non_trainable)
             for i in seeds:
@@ -220,21 +224,31 @@ class Accumulation(VariableAccumulation):
                 sample_weight,
             )
             loss, y_pred, new_values, new_metrics, weight = aux
-            return (loss, y_pred, [new_values[i] for i in own], new_metrics, weight), (
-                gradients
+            # Keras hands back the very value it was given when a call left
+            # a variable alone.
+            updated.extend(i for i in own if new_values[i] is not values[i])
+            updated_metrics.extend(
+                j
+                for j, value in enumerate(new_metrics)
+                if value is not metrics_values[j]
             )
+            return (
+                loss,
+                y_pred,
+                [new_values[i] for i in updated],
+                [new_metrics[j] for j in updated_metrics],
+                weight,
+            ), gradients
 
         aux, gradients = jax.vmap(one_device)(
             jnp.arange(devices, dtype="uint32"), *data
         )
-        losses, y_pred, own_values, new_metrics, weights = aux
-        non_trainable = list(non_trainable)
-        for i, per_device in zip(own, own_values, strict=True):
+        losses, y_pred, new_values, new_metrics, weights = aux
+        non_trainable, metrics_values = list(non_trainable), list(metrics_values)
+        for i, per_device in zip(updated, new_values, strict=True):
             non_trainable[i] = _combined(non_trainable[i], per_device, additive=False)
-        metrics_values = [
-            _combined(old, per_device, additive=True)
-            for old, per_device in zip(metrics_values, new_metrics, strict=True)
-        ]
+        for j, per_device in zip(updated_metrics, new_metrics, strict=True):
+            metrics_values[j] = _combined(metrics_values[j], per_device, additive=True)
         loss = _micro_batch_loss(losses, weights, self._sums_window())
         y_pred = jax.tree_util.tree_map(_joined, y_pred)
         return (loss, y_pred, non_trainable, metrics_values, weights), gradients
