@@ -4,6 +4,8 @@ Each backend's glue module imports its own framework, which only that
 backend's environment has: collect just the one Keras runs on. TensorFlow's
 own state, distribution helpers and the notebook's eager TensorFlow loops
 are TensorFlow code whatever the backend: their doctests run with it only.
+The JAX scale test's worker is a script for its own interpreter (JAX, 4
+virtual devices), never a module to import here.
 """
 
 import keras
@@ -14,6 +16,7 @@ collect_ignore = [
     for name in ("tensorflow", "jax", "torch")
     if name != BACKEND
 ]
+collect_ignore.append("tests/jax_scale_worker.py")
 if BACKEND != "tensorflow":
     collect_ignore += [
         "accumulate/accumulator.py",

@@ -27,6 +27,7 @@ STEPS = 4  # micro-batches per window
 BATCH = 8  # micro-batch: 2 samples per device on 4 devices
 SAMPLES = 100  # 12 whole micro-batches and a ragged one of 4
 CLASSES = 4
+TOKENS = 5  # per padded sequence
 LOSSES = ("sum_over_batch_size", "mean_with_sample_weight")
 
 
@@ -143,8 +144,11 @@ def run(out_path: str) -> None:
     keras.utils.set_random_seed(0)
     initial = build("sum_over_batch_size").get_weights()
     results: dict[str, Any] = {}
+    keras.utils.set_random_seed(0)
+    padded_initial = build_padded().get_weights()
     for name, distribution in distributions().items():
         keras.distribution.set_distribution(distribution)
+        results[f"{name}/padded"] = padded_run(padded_initial)
         for reduction in LOSSES:
             model = build(reduction)
             model.set_weights(initial)
@@ -179,6 +183,38 @@ def run(out_path: str) -> None:
     keras.distribution.set_distribution(None)
     with open(out_path, "w") as file:
         json.dump(results, file)
+
+
+def build_padded() -> accumulate.AccumulatingModel:
+    """Token sequences padded with 0: Keras's mask reaches the loss, which
+    divides by the unmasked tokens."""
+    inputs = keras.Input((TOKENS,), dtype="int32")
+    embedded = keras.layers.Embedding(20, 8, mask_zero=True)(inputs)
+    outputs = keras.layers.Dense(CLASSES)(embedded)
+    model = accumulate.AccumulatingModel(inputs, outputs, accumulation_steps=STEPS)
+    compile_model(model, "sum_over_batch_size")
+    return model
+
+
+def padded_run(initial: list) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, TOKENS + 1, SAMPLES)
+    lengths[8:10] = 0  # micro-batch 1: the first device's share is padding
+    lengths[16:24] = 0  # micro-batch 2: all padding
+    tokens = rng.integers(1, 20, (SAMPLES, TOKENS))
+    tokens = np.where(np.arange(TOKENS) < lengths[:, None], tokens, 0)
+    labels = rng.integers(0, CLASSES, (SAMPLES, TOKENS))
+    model = build_padded()
+    model.set_weights(initial)
+    history = model.fit(
+        tokens, labels, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    )
+    return {
+        "weights": [w.tolist() for w in model.get_weights()],
+        "iterations": int(model.optimizer.iterations),
+        "loss": history.history["loss"],
+        "devices": model._accumulation.devices,
+    }
 
 
 def dropout_draws() -> dict[str, Any]:

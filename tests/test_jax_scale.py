@@ -71,6 +71,17 @@ def test_distributed_weights_equal_the_single_device_weights(
 
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_padded_sequences_give_the_single_device_weights(runs, distribution):
+    """Keras masks: a device's share, and a whole micro-batch, all padding."""
+    single, run = runs["single/padded"], runs[f"{distribution}/padded"]
+    assert run["devices"] > single["devices"] == 1
+    assert run["iterations"] == single["iterations"]
+    for ours, oracle in zip(run["weights"], single["weights"], strict=True):
+        np.testing.assert_allclose(ours, oracle, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_every_sum_is_sharded_like_its_variable(runs, distribution):
     run = runs[f"{distribution}/sum_over_batch_size"]
     *sums, samples, steps = run["placements"]
