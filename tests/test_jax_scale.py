@@ -54,6 +54,14 @@ def runs(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+def _assert_trained_alike(run: dict, single: dict) -> None:
+    """Same updates, weights and logged losses as the single-device run."""
+    assert run["iterations"] == single["iterations"]
+    for ours, oracle in zip(run["weights"], single["weights"], strict=True):
+        np.testing.assert_allclose(ours, oracle, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_distributed_weights_equal_the_single_device_weights(
@@ -64,10 +72,7 @@ def test_distributed_weights_equal_the_single_device_weights(
     # Per-device sums are in use: 4 data-parallel devices, or 2 on the mesh.
     assert single["devices"] == 1
     assert run["devices"] == (4 if distribution == "data" else 2)
-    assert run["iterations"] == single["iterations"]
-    for ours, oracle in zip(run["weights"], single["weights"], strict=True):
-        np.testing.assert_allclose(ours, oracle, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-5)
+    _assert_trained_alike(run, single)
 
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
@@ -75,10 +80,7 @@ def test_padded_sequences_give_the_single_device_weights(runs, distribution):
     """Keras masks: a device's share, and a whole micro-batch, all padding."""
     single, run = runs["single/padded"], runs[f"{distribution}/padded"]
     assert run["devices"] > single["devices"] == 1
-    assert run["iterations"] == single["iterations"]
-    for ours, oracle in zip(run["weights"], single["weights"], strict=True):
-        np.testing.assert_allclose(ours, oracle, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-5)
+    _assert_trained_alike(run, single)
 
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
