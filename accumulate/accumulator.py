@@ -120,7 +120,8 @@ class GradientAccumulator(tf.Module):
         gradient_scale: tf.Tensor | float | None = None,
         noise_meter: NoiseScaleMeter | None = None,
         summed: bool = False,
-    ) -> None:
+        count_step: bool = True,
+    ) -> tf.Tensor:
         """Folds one micro-batch in: ``weight * gradient`` and its weight.
 
         Args:
@@ -135,6 +136,11 @@ class GradientAccumulator(tf.Module):
                 MNIST step, measured by ``make bench``).
             summed: the loss is a sum (``reduction="sum"``): the gradients
                 are added as they are, and ``weight`` only counts.
+            count_step: count the micro-batch as one of the window's steps
+                (``False`` for a slice of a batch: the caller counts the
+                batch once, `accumulate.micro_batches`).
+
+        Returns whether the micro-batch counts (a boolean tensor).
 
         A micro-batch of weight 0 (no samples, or only padding) adds nothing
         and is not counted as a step of the window, so it can neither
@@ -167,6 +173,12 @@ class GradientAccumulator(tf.Module):
 
         # A branch, not a product with 0: 0 * NaN is NaN.
         tf.cond(counts, add_micro_batch, _do_nothing)
+        if count_step:
+            self.count_step(counts)
+        return counts
+
+    def count_step(self, counts: tf.Tensor) -> None:
+        """Counts one step of the window if ``counts`` (a boolean tensor)."""
         self.steps.assign_add(tf.cast(counts, tf.int64))
 
     def count_micro_batch(self, batch_size: tf.Tensor) -> None:

@@ -55,6 +55,7 @@ def enable_accumulation(
     flush_at_epoch_end: bool = True,
     measure_noise_scale: bool = False,
     accumulation_dtype: str = "float32",
+    micro_batch_size: int | str | None = None,
 ) -> keras.Model:
     """Makes ``model`` accumulate gradients exactly; returns the same object.
 
@@ -75,7 +76,7 @@ def enable_accumulation(
         model: the model; not already accumulating, and not of a class that
             overrides ``train_step`` (accumulation is a train step).
         accumulation_steps, flush_at_epoch_end, measure_noise_scale,
-            accumulation_dtype: as for `AccumulatingModel`.
+            accumulation_dtype, micro_batch_size: as for `AccumulatingModel`.
 
     Example:
         >>> import keras, numpy as np
@@ -117,6 +118,7 @@ def enable_accumulation(
             flush_at_epoch_end,
             measure_noise_scale,
             accumulation_dtype,
+            micro_batch_size,
         )
     except Exception:
         object.__setattr__(model, "__class__", original)
@@ -176,6 +178,7 @@ def _options_of(model: AccumulatingModel) -> dict[str, Any]:
         "flush_at_epoch_end": model.flush_at_epoch_end,
         "measure_noise_scale": model.measure_noise_scale,
         "accumulation_dtype": model.accumulation_dtype,
+        "micro_batch_size": model.micro_batch_size,
     }
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from keras import ops
 from keras.src.models.functional import Functional
 
-from accumulate import reduction, window
+from accumulate import micro_batches, reduction, window
 from accumulate.fit_callback import with_epoch_boundaries
 from accumulate.options import check_keywords
 from accumulate.schedule import EPOCH, AccumulationSchedule
@@ -104,6 +104,20 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             built-in accumulation keeps it there) loses the small ones; it
             costs 4 bytes per trainable parameter. ``"bfloat16"`` halves that
             where you ask, at that precision.
+        micro_batch_size: split every batch `fit` feeds the model into
+            slices of this many samples (the last one ragged) inside the
+            compiled step, and add their gradients before the update: ask
+            `fit` for the batch you want (``batch_size=512``) in the memory
+            of a slice (``micro_batch_size=64``). One `fit` step is then one
+            update, so callbacks, the progress bar, schedules and
+            ``BackupAndRestore`` count updates; the logged loss is the
+            batch's. Global, as ``batch_size`` is: under ``tf.distribute``
+            or a JAX `keras.distribution` each replica slices its share.
+            With ``accumulation_steps=N`` a window is N batches, each split.
+            ``"auto"``: `fit` finds the largest slice that fits on the
+            accelerator before training (from the batch size down, halving
+            on out-of-memory), and logs it. ``None`` (the default): batches
+            are not split. See `accumulate.micro_batches`.
         *args, **kwargs: as for `keras.Model` (functional ``inputs, outputs``
             or nothing when subclassing). A keyword Keras would silently drop,
             or a near-miss of one of the options above, raises `ValueError`.
@@ -175,6 +189,7 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         flush_at_epoch_end: bool = True,
         measure_noise_scale: bool = False,
         accumulation_dtype: str = "float32",
+        micro_batch_size: int | str | None = None,
         **kwargs: Any,
     ):
         check_keywords(kwargs, functional=_is_functional_call(args, kwargs))
@@ -184,6 +199,7 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             flush_at_epoch_end,
             measure_noise_scale,
             accumulation_dtype,
+            micro_batch_size,
         )
 
     def _init_accumulation(
@@ -192,8 +208,12 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         flush_at_epoch_end: bool,
         measure_noise_scale: bool,
         accumulation_dtype: str = "float32",
+        micro_batch_size: int | str | None = None,
     ) -> None:
         """The accumulation options and empty state of a new (or enabled) model."""
+        self._micro_batch_size = micro_batches.check_micro_batch_size(micro_batch_size)
+        # What "auto" found (fit searches once per model).
+        self._found_micro_batch_size: int | None = None
         if accumulation_dtype not in window.ACCUMULATION_DTYPES:
             raise ValueError(
                 "`accumulation_dtype` must be one of "
@@ -236,13 +256,19 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
                 "so it needs flush_at_epoch_end=True; received "
                 f"accumulation_steps={schedule.config!r}, flush_at_epoch_end=False."
             )
-        if measure_noise_scale and 1 in schedule.values:
+        if (
+            measure_noise_scale
+            and 1 in schedule.values
+            and self._micro_batch_size is None
+        ):
             raise ValueError(
                 "measure_noise_scale=True compares each micro-batch's gradient "
                 "with its window's, so every window needs at least 2 "
                 f"micro-batches; received accumulation_steps={schedule.config!r}"
                 ", which updates after every micro-batch in some epochs. Use "
-                'accumulation_steps >= 2 (or "epoch") throughout.'
+                'accumulation_steps >= 2 (or "epoch") throughout, or split '
+                "each batch with micro_batch_size (its slices are the "
+                "window's micro-batches)."
             )
         self._schedule = schedule
         self._flush_at_epoch_end = flush_at_epoch_end
@@ -265,6 +291,34 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
     def accumulation_dtype(self) -> str:
         """The gradient sums' dtype: ``"float32"`` or ``"bfloat16"``."""
         return self._accumulation_dtype
+
+    @property
+    def micro_batch_size(self) -> int | str | None:
+        """As configured: the slice size, ``"auto"`` or ``None`` (no slicing)."""
+        return self._micro_batch_size
+
+    def _slice_size(self, batch: int | None, parts: int, what: str) -> int | None:
+        """Each replica's slice of a batch in the step, ``None``: not split.
+
+        ``batch`` is the replica's share when known when tracing (``None``
+        when dynamic); a batch no bigger than a slice is not split.
+        """
+        size = self._micro_batch_size
+        if size == micro_batches.AUTO:
+            size = self._found_micro_batch_size
+            if size is None:
+                raise ValueError(
+                    'micro_batch_size="auto" is chosen by fit(), which tries '
+                    "slices of its first batch on the accelerator; this step "
+                    "ran before any fit. Call fit() first, or give "
+                    "micro_batch_size an int."
+                )
+        if size is None:
+            return None
+        size = micro_batches.share(size, parts, what)
+        if batch is not None and batch <= size:
+            return None
+        return size
 
     @property
     def measure_noise_scale(self) -> bool:
@@ -495,6 +549,7 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
         config["flush_at_epoch_end"] = self._flush_at_epoch_end
         config["measure_noise_scale"] = self._measure_noise_scale
         config["accumulation_dtype"] = self._accumulation_dtype
+        config["micro_batch_size"] = self._micro_batch_size
         return config
 
     @classmethod
@@ -506,11 +561,16 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             "measure_noise_scale": config.pop("measure_noise_scale", False),
         }
         accumulation_dtype = config.pop("accumulation_dtype", "float32")
+        micro_batch_size = config.pop("micro_batch_size", None)
         # KerasHub's Task.from_config takes the config only.
         extra = {} if custom_objects is None else {"custom_objects": custom_objects}
         model = super().from_config(config, **extra)
         # No state exists yet: it is made, in its dtype, when weights load.
-        model._init_accumulation(**options, accumulation_dtype=accumulation_dtype)
+        model._init_accumulation(
+            **options,
+            accumulation_dtype=accumulation_dtype,
+            micro_batch_size=micro_batch_size,
+        )
         return model
 
     def save_own_variables(self, store: Any) -> None:
@@ -626,6 +686,7 @@ class AccumulatingFunctional(AccumulatingModel, Functional):
             kwargs.setdefault("flush_at_epoch_end", original.flush_at_epoch_end)
             kwargs.setdefault("measure_noise_scale", original.measure_noise_scale)
             kwargs.setdefault("accumulation_dtype", original.accumulation_dtype)
+            kwargs.setdefault("micro_batch_size", original.micro_batch_size)
         super().__init__(*args, **kwargs)
 
 

@@ -26,6 +26,7 @@ OPTIONS = (
     "flush_at_epoch_end",
     "measure_noise_scale",
     "accumulation_dtype",
+    "micro_batch_size",
 )
 # What Keras's functional constructor uses; it drops anything else.
 _FUNCTIONAL_KEYWORDS = ("inputs", "outputs", "name", "trainable")

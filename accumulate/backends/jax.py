@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import keras
 from keras import ops
 
-from accumulate import noise_scale, window
+from accumulate import micro_batches, noise_scale, window
 from accumulate.backends.variables import VariableAccumulation
 
 # What the trainable-variables-changed error adds on this backend.
@@ -89,6 +89,19 @@ def _split(tensor: Any, devices: int) -> Any:
         jax.sharding.PartitionSpec(distribution.batch_dim_name),
     )
     return jax.lax.with_sharding_constraint(split, sharding)
+
+
+def _rows(tensor: Any, start: Any, size: int, devices: int) -> Any:
+    """``size`` rows from ``start`` of every device's share of ``tensor``.
+
+    A dynamic slice (of static size): no copy of the batch. Under a
+    data-parallel distribution the rows are taken within each device's
+    share, where they lie, so that no sample moves between devices.
+    """
+    if devices == 1:
+        return jax.lax.dynamic_slice_in_dim(tensor, start, size, axis=0)
+    shares = jax.lax.dynamic_slice_in_dim(_split(tensor, devices), start, size, axis=1)
+    return _joined(shares)
 
 
 def _joined(tensor: Any) -> Any:
@@ -258,17 +271,27 @@ class Accumulation(VariableAccumulation):
         with keras.StatelessScope(state_mapping=mapping):
             return self._loss_scale()
 
-    def train_step(self, state: tuple, data: Any) -> tuple[dict, tuple]:
-        trainable, non_trainable, optimizer_values, metrics_values = state
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if batch_size(x) == 0:
-            return self._empty_step(state)
-        # The window's values, by their place among the non-trainable ones.
+    def _window_places(self) -> list[int]:
+        """Where the window's values are among the non-trainable ones."""
         position = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
-        places = [position[id(v)] for v in self._state_variables()]
+        return [position[id(v)] for v in self._state_variables()]
+
+    def _gradients(
+        self,
+        trainable: list[Any],
+        non_trainable: list[Any],
+        metrics_values: list[Any],
+        optimizer_values: list[Any],
+        places: list[int],
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+    ) -> tuple[tuple, list[Any]]:
+        """``(loss, y_pred, non_trainable, metrics, weight), gradients`` of
+        one micro-batch: per device under a data-parallel distribution."""
         devices = self._accumulation.devices
         if devices > 1:
-            aux, gradients = self._gradients_per_device(
+            return self._gradients_per_device(
                 devices,
                 places,
                 trainable,
@@ -279,29 +302,37 @@ class Accumulation(VariableAccumulation):
                 y,
                 sample_weight,
             )
-        else:
-            gradient_function = jax.value_and_grad(self._loss_and_weight, has_aux=True)
-            (_, aux), gradients = gradient_function(
-                trainable,
-                non_trainable,
-                metrics_values,
-                optimizer_values,
-                x,
-                y,
-                sample_weight,
-            )
-        unscaled_loss, y_pred, non_trainable, metrics_values, weight = aux
+        gradient_function = jax.value_and_grad(self._loss_and_weight, has_aux=True)
+        (_, aux), gradients = gradient_function(
+            trainable,
+            non_trainable,
+            metrics_values,
+            optimizer_values,
+            x,
+            y,
+            sample_weight,
+        )
+        return aux, gradients
+
+    def _fold_in(
+        self,
+        non_trainable: list[Any],
+        places: list[int],
+        gradients: list[Any],
+        weight: Any,
+        scale: Any,
+    ) -> list[Any]:
+        """The non-trainable values with one micro-batch's gradients added to
+        the window's sums (and noise totals); its step is counted by the
+        caller (`_count_and_apply`)."""
         values = [non_trainable[place] for place in places]
         count = len(self._accumulation.gradient_sums)
-        sums, (samples, steps, this_epoch, size), noise = (
+        sums, (samples, steps), noise = (
             values[:count],
-            values[count : count + 4],
+            values[count : count + 2],
             values[count + 4 :],
         )
-
-        scale = self._stateless_loss_scale(optimizer_values)
-        this_epoch = this_epoch + 1
-        sums, samples, steps = window.add(
+        sums, samples, _ = window.add(
             sums,
             samples,
             steps,
@@ -315,6 +346,168 @@ class Accumulation(VariableAccumulation):
             if scale is not None:
                 sq_norm = sq_norm / ops.square(ops.cast(scale, "float32"))
             noise[:2] = noise_scale.add_micro_batch(*noise[:2], sq_norm, weight)
+        non_trainable = list(non_trainable)
+        for place, value in zip(
+            places[:count] + places[count + 4 :], [*sums, *noise], strict=True
+        ):
+            non_trainable[place] = value
+        non_trainable[places[count]] = samples
+        return non_trainable
+
+    def train_step(self, state: tuple, data: Any) -> tuple[dict, tuple]:
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if batch_size(x) == 0:
+            return self._empty_step(state)
+        places = self._window_places()
+        scale = self._stateless_loss_scale(optimizer_values)
+        devices = self._accumulation.devices
+        size = self._slice_size(batch_size(x), devices, "devices")
+        if size is not None:
+            return self._sliced_step(state, places, scale, size, x, y, sample_weight)
+        aux, gradients = self._gradients(
+            trainable,
+            non_trainable,
+            metrics_values,
+            optimizer_values,
+            places,
+            x,
+            y,
+            sample_weight,
+        )
+        unscaled_loss, y_pred, non_trainable, metrics_values, weight = aux
+        non_trainable = self._fold_in(non_trainable, places, gradients, weight, scale)
+        trainable, non_trainable, optimizer_values = self._count_and_apply(
+            trainable,
+            non_trainable,
+            optimizer_values,
+            places,
+            ops.any(window.counts(ops.cast(weight, "float32"))),
+            scale,
+        )
+        # Keras's metric update for its JAX step (keras 3.10 to 3.15).
+        logs, metrics_values = self._update_metrics_variables(
+            metrics_values, unscaled_loss, x, y, y_pred, sample_weight
+        )
+        return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+    def _sliced_step(
+        self,
+        state: tuple,
+        places: list[int],
+        scale: Any,
+        size: int,
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+    ) -> tuple[dict, tuple]:
+        """The batch in slices of ``size`` per device (`accumulate.micro_batches`).
+
+        A `jax.lax.fori_loop` over the full slices, each a
+        `jax.lax.dynamic_slice_in_dim` of the batch (of each device's rows,
+        where they lie, under a data-parallel distribution), then the ragged
+        rest: its shape differs, so it is traced once more, after the loop.
+        """
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        devices = self._accumulation.devices
+        data = (x, y, sample_weight)
+        full, rest = micro_batches.slice_plan(batch_size(x) // devices, size)
+        summed = self._sums_window()
+
+        def fold(part: tuple, carry: tuple) -> tuple:
+            non_trainable, metrics_values, totals, _ = carry
+            x, y, sample_weight = part
+            aux, gradients = self._gradients(
+                trainable,
+                non_trainable,
+                metrics_values,
+                optimizer_values,
+                places,
+                x,
+                y,
+                sample_weight,
+            )
+            loss, y_pred, non_trainable, metrics_values, weight = aux
+            non_trainable = self._fold_in(
+                non_trainable, places, gradients, weight, scale
+            )
+            metrics_values = self._metrics_updated(
+                metrics_values,
+                lambda: self.compute_metrics(x, y, y_pred, sample_weight),
+            )
+            loss = ops.cast(loss, "float32")
+            totals = micro_batches.add_loss(totals, loss, weight, summed)
+            return non_trainable, metrics_values, totals, loss
+
+        def full_slice(index: Any, carry: tuple) -> tuple:
+            part = jax.tree_util.tree_map(
+                lambda tensor: _rows(tensor, index * size, size, devices), data
+            )
+            return fold(part, carry)
+
+        carry = (
+            list(non_trainable),
+            list(metrics_values),
+            micro_batches.loss_totals(),
+            ops.zeros((), "float32"),
+        )
+        if full:
+            carry = jax.lax.fori_loop(0, full, full_slice, carry)
+        if rest:
+            part = jax.tree_util.tree_map(
+                lambda tensor: _rows(tensor, full * size, rest, devices), data
+            )
+            carry = fold(part, carry)
+        non_trainable, metrics_values, totals, last_loss = carry
+        trainable, non_trainable, optimizer_values = self._count_and_apply(
+            trainable, non_trainable, optimizer_values, places, totals[2], scale
+        )
+        loss = micro_batches.batch_loss(totals, last_loss, summed)
+
+        def log() -> dict:
+            self._loss_tracker.update_state(loss, sample_weight=batch_size(x))
+            return self.get_metrics_result()
+
+        logs = {}
+        metrics_values = self._metrics_updated(metrics_values, log, logs)
+        return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+    def _metrics_updated(
+        self, metrics_values: list[Any], update: Any, logs: dict | None = None
+    ) -> list[Any]:
+        """The metrics' values after ``update()`` ran on them statelessly;
+        what it returns goes into ``logs``."""
+        mapping = list(zip(self.metrics_variables, metrics_values, strict=True))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            result = update()
+        if logs is not None:
+            logs.update(result)
+        new_values = []
+        for variable, old in zip(self.metrics_variables, metrics_values, strict=True):
+            value = scope.get_current_value(variable)
+            new_values.append(old if value is None else value)
+        return new_values
+
+    def _count_and_apply(
+        self,
+        trainable: list[Any],
+        non_trainable: list[Any],
+        optimizer_values: list[Any],
+        places: list[int],
+        counted: Any,
+        scale: Any,
+    ) -> tuple[list[Any], list[Any], list[Any]]:
+        """Counts the step (the batch drawn; a window step if ``counted``)
+        and applies the window when that completes it."""
+        values = [non_trainable[place] for place in places]
+        count = len(self._accumulation.gradient_sums)
+        sums, (samples, steps, this_epoch, size), noise = (
+            values[:count],
+            values[count : count + 4],
+            values[count + 4 :],
+        )
+        this_epoch = this_epoch + 1
+        steps = steps + ops.cast(counted, steps.dtype)
 
         def apply_window(operands: tuple) -> tuple:
             trainable, optimizer_values, sums, samples, steps, noise = operands
@@ -361,12 +554,7 @@ class Accumulation(VariableAccumulation):
         new_values = [*sums, samples, steps, this_epoch, size, *noise]
         for place, value in zip(places, new_values, strict=True):
             non_trainable[place] = value
-
-        # Keras's metric update for its JAX step (keras 3.10 to 3.15).
-        logs, metrics_values = self._update_metrics_variables(
-            metrics_values, unscaled_loss, x, y, y_pred, sample_weight
-        )
-        return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+        return trainable, non_trainable, optimizer_values
 
     def _empty_step(self, state: tuple) -> tuple[dict, tuple]:
         """A micro-batch of 0 samples: counted as drawn, nothing else moves.

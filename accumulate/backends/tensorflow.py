@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from accumulate import distributed, noise_scale, window
+from accumulate import distributed, micro_batches, noise_scale, window
 from accumulate.accumulator import GradientAccumulator, NoiseScaleMeter
 
 # What the trainable-variables-changed error adds on this backend.
@@ -42,6 +42,20 @@ def assert_equal_counts(counts: list[Any], message: str, model: Any) -> None:
         tf.debugging.assert_equal(count, counts[0], message=message)
 
 
+def _rows(tensor: tf.Tensor, start: tf.Tensor, size: int) -> tf.Tensor:
+    """``size`` rows of ``tensor`` from ``start``: a slice of static size."""
+    others = tensor.shape.rank - 1
+    begin = tf.stack([start, *[tf.zeros((), start.dtype)] * others])
+    return tf.slice(tensor, begin, [size, *[-1] * others])
+
+
+def _each(function: Any, data: Any) -> Any:
+    """``function`` of every tensor of ``data`` (absent ``y``, weights: None)."""
+    return tf.nest.map_structure(
+        lambda tensor: None if tensor is None else function(tensor), data
+    )
+
+
 def _ids(variables: list[Any]) -> list[int]:
     return [id(variable) for variable in variables]
 
@@ -64,8 +78,28 @@ class Accumulation:
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        summed = self._sums_window()
+        size = self._slice_size(
+            None, self.distribute_strategy.num_replicas_in_sync, "replicas"
+        )
+        if size is not None:
+            return self._sliced_step(x, y, sample_weight, size)
+        loss, y_pred, gradients = self._gradients(x, y, sample_weight)
+        self._loss_tracker.update_state(loss, sample_weight=batch_size(x))
+        state = self._accumulation
+        state.count_micro_batch(batch_size(x))
+        self._fold_in(x, y, y_pred, sample_weight, gradients, count_step=True)
+        return self._step_logs(
+            self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        )
+
+    def _gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple:
+        """``(loss, y_pred, gradients)`` of one micro-batch on this replica.
+
+        The loss is this replica's own mean (or sum), as one device would
+        log it.
+        """
         # Keras divides a mean loss by the number of replicas (not a sum).
+        summed = self._sums_window()
         replicas = 1 if summed else self.distribute_strategy.num_replicas_in_sync
         with tf.GradientTape() as tape:
             training = {"training": True} if self._call_has_training_arg else {}
@@ -73,13 +107,11 @@ class Accumulation:
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
-            self._loss_tracker.update_state(
-                loss * replicas, sample_weight=batch_size(x)
-            )
             # Keras divides each replica's loss by the number of replicas;
             # undo it so that every replica adds (samples x its own mean
             # gradient) and the window divides by the samples of all replicas.
-            scaled_loss = self.optimizer.scale_loss(loss * replicas)
+            loss = loss * replicas
+            scaled_loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         if self._accumulated_variable_ids != _ids(self.trainable_variables):
             # Keras builds a model without a strategy while tracing: its
@@ -88,21 +120,84 @@ class Accumulation:
             # corrupts steps where some replicas get an empty micro-batch).
             with tf.init_scope():
                 self._build_accumulation_state()
+        return loss, y_pred, gradients
+
+    def _fold_in(
+        self,
+        x: Any,
+        y: Any,
+        y_pred: Any,
+        sample_weight: Any,
+        gradients: list[Any],
+        count_step: bool,
+    ) -> tf.Tensor:
+        """Adds one micro-batch's gradients; applies a complete window if
+        ``count_step``. Returns its weight."""
         state = self._accumulation
-        state.count_micro_batch(batch_size(x))
         weight = self.micro_batch_weight(x, y, y_pred, sample_weight)
-        scale = self._loss_scale()
         state.add(
             gradients,
             weight,
-            gradient_scale=scale,
+            gradient_scale=self._loss_scale(),
             noise_meter=self._noise_scale,
-            summed=summed,
+            summed=self._sums_window(),
+            count_step=count_step,
         )
+        if count_step:
+            self._apply_if_complete()
+        return weight
+
+    def _apply_if_complete(self) -> None:
         distributed.cond_in_cross_replica_context(
-            state.window_is_complete(), self._apply_window, self.optimizer
+            self._accumulation.window_is_complete(), self._apply_window, self.optimizer
         )
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _sliced_step(
+        self, x: Any, y: Any, sample_weight: Any, size: int
+    ) -> dict[str, Any]:
+        """The batch in slices of ``size`` (`accumulate.micro_batches`).
+
+        A `tf.while_loop` over the full slices, each cut with a `tf.slice`
+        of static size (XLA compiles it as a dynamic slice: no copy of the
+        batch), then the ragged rest, if any, in a `tf.cond`.
+        """
+        data = (x, y, sample_weight)
+        samples = batch_size(x)
+        full = samples // size
+        rest = samples - full * size
+        summed = self._sums_window()
+
+        def fold(part: tuple, totals: tuple) -> tuple:
+            x, y, sample_weight = part
+            loss, y_pred, gradients = self._gradients(x, y, sample_weight)
+            weight = self._fold_in(
+                x, y, y_pred, sample_weight, gradients, count_step=False
+            )
+            self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            return (*micro_batches.add_loss(totals[:3], loss, weight, summed), loss)
+
+        def full_slice(index: tf.Tensor, *totals: Any) -> tuple:
+            start = index * size
+            part = _each(lambda tensor: _rows(tensor, start, size), data)
+            return (index + 1, *fold(part, totals))
+
+        totals = (*micro_batches.loss_totals(), tf.zeros((), tf.float32))
+        _, *totals = tf.while_loop(
+            lambda index, *_: index < full,
+            full_slice,
+            (tf.zeros((), samples.dtype), *totals),
+        )
+        last = _each(lambda tensor: tensor[full * size :], data)
+        totals = tf.cond(rest > 0, lambda: fold(last, totals), lambda: tuple(totals))
+        state = self._accumulation
+        state.count_micro_batch(samples)
+        state.count_step(totals[2])
+        self._apply_if_complete()
+        loss = micro_batches.batch_loss(totals[:3], totals[3], summed)
+        self._loss_tracker.update_state(loss, sample_weight=samples)
+        return self._step_logs(self.get_metrics_result())
+
+    def _step_logs(self, logs: dict[str, Any]) -> dict[str, Any]:
         if isinstance(
             self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy
         ):

@@ -16,6 +16,7 @@ from typing import Any
 import keras
 import torch
 
+from accumulate import micro_batches
 from accumulate.backends.variables import VariableAccumulation
 
 # What the trainable-variables-changed error adds on this backend.
@@ -50,6 +51,16 @@ class Accumulation(VariableAccumulation):
             # gradient (backward refuses it). Counted as drawn, for resume.
             self._accumulation.micro_batches_this_epoch.value.add_(1)
             return self.get_metrics_result()
+        size = self._slice_size(batch_size(x), 1, "devices")
+        if size is not None:
+            return self._sliced_step(x, y, sample_weight, size)
+        loss, y_pred, weight, gradients, scale = self._gradients(x, y, sample_weight)
+        self._loss_tracker.update_state(loss, sample_weight=batch_size(x))
+        self._fold_in(gradients, weight, scale)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _gradients(self, x: Any, y: Any, sample_weight: Any) -> tuple:
+        """``(loss, y_pred, weight, gradients, loss scale)`` of one micro-batch."""
         training = {"training": True} if self._call_has_training_arg else {}
         y_pred = self(x, **training)
         # Before the loss: a model whose outputs no single weight fits fails
@@ -59,28 +70,54 @@ class Accumulation(VariableAccumulation):
         loss = self._compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
         )
-        self._loss_tracker.update_state(loss, sample_weight=batch_size(x))
-        state = self._accumulation
         scale = self._loss_scale()
-        loss = self.optimizer.scale_loss(loss)
-        loss.backward()
+        self.optimizer.scale_loss(loss).backward()
         # None for a variable the loss does not reach, as in Keras's step:
         # the optimizer then leaves it alone when the window is applied.
+        state = self._accumulation
         gradients = [variable.value.grad for variable in state.accumulated_variables]
         state.connected = [gradient is not None for gradient in gradients]
-        self._fold_in(gradients, weight, scale)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return loss.detach(), y_pred, weight, gradients, scale
+
+    def _sliced_step(
+        self, x: Any, y: Any, sample_weight: Any, size: int
+    ) -> dict[str, Any]:
+        """The batch in slices of ``size`` (`accumulate.micro_batches`): a
+        Python loop, eager as Keras's torch step is; each slice is a view of
+        the batch, not a copy."""
+        summed = self._sums_window()
+        totals = micro_batches.loss_totals()
+        for start in range(0, batch_size(x), size):
+            part = keras.tree.map_structure(
+                lambda tensor, start=start: tensor[start : start + size],
+                (x, y, sample_weight),
+            )
+            loss, y_pred, weight, gradients, scale = self._gradients(*part)
+            self._fold_in(gradients, weight, scale, count_step=False)
+            self.compute_metrics(*part[:2], y_pred, sample_weight=part[2])
+            totals = micro_batches.add_loss(totals, loss, weight, summed)
+        self._count_batch(totals[2])
+        loss = micro_batches.batch_loss(totals, loss, summed)
+        self._loss_tracker.update_state(loss, sample_weight=batch_size(x))
+        return self.get_metrics_result()
 
     @torch.compiler.disable
     @torch.no_grad()
-    def _fold_in(self, gradients: list[Any], weight: Any, scale: Any) -> None:
+    def _fold_in(
+        self, gradients: list[Any], weight: Any, scale: Any, count_step: bool = True
+    ) -> None:
+        """Adds one micro-batch; with ``count_step``, counts it as drawn and
+        as a window step, and applies a complete window."""
         # Never compiled: the bookkeeping branches on host reads of the
         # counters, and under torch.compile (jit_compile=True) dynamo took
         # those reads for constants and made wrong updates (caught by
         # tests/test_conformance.py's jit_compile cases).
+        weight = float(weight)
+        if not count_step:
+            self._add_micro_batch(gradients, weight, scale, count_step=False)
+            return
         state = self._accumulation
         state.micro_batches_this_epoch.value.add_(1)
-        weight = float(weight)
         window_size = int(state.window_size.value)
         if window_size == 1 and int(state.steps.value) == 0:
             # N=1 with nothing carried over: Keras's own update on the loss's
@@ -93,7 +130,20 @@ class Accumulation(VariableAccumulation):
         if 0 < window_size <= int(state.steps.value):
             self._apply_open_window()
 
-    def _add_micro_batch(self, gradients: list[Any], weight: float, scale: Any) -> None:
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _count_batch(self, counted: Any) -> None:
+        """A sliced batch drawn: one window step if any slice counted, and the
+        window applied when that completes it."""
+        state = self._accumulation
+        state.micro_batches_this_epoch.value.add_(1)
+        state.steps.value.add_(int(bool(counted)))
+        if 0 < int(state.window_size.value) <= int(state.steps.value):
+            self._apply_open_window()
+
+    def _add_micro_batch(
+        self, gradients: list[Any], weight: float, scale: Any, count_step: bool = True
+    ) -> None:
         # `accumulate.window.add`'s arithmetic, in place: one `add_` per
         # variable instead of the pure version's three temporaries and a copy
         # (measured in docs/performance.md, "On PyTorch").
@@ -107,7 +157,8 @@ class Accumulation(VariableAccumulation):
                 total = gradient_sum.value
                 total.add_(gradient.to(total.dtype), alpha=factor)
         state.samples.value.add_(weight)
-        state.steps.value.add_(1)
+        if count_step:
+            state.steps.value.add_(1)
         meter = self._noise_scale
         if meter is not None:
             # One norm kernel per variable: `window.squared_norm`'s keras.ops

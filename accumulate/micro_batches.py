@@ -1,0 +1,160 @@
+"""A batch split into micro-batches inside the train step (``micro_batch_size``).
+
+`fit(batch_size=512)` on a model with ``micro_batch_size=64`` hands the
+train step a batch of 512. The step adds the gradients of its slices of 64
+(the last one ragged) into the window one after the other, inside the
+compiled step, and counts the batch as one step of the window: one `fit`
+step is one update, and everything Keras counts (callbacks, the progress
+bar, schedules, ``BackupAndRestore``) counts updates. Peak memory is one
+slice's forward and backward pass, plus the batch's inputs.
+
+Each slice is weighed as a micro-batch of its own (`window.add`), so the
+update is the whole batch's, exactly, for every loss reduction.
+
+What lives here is what every backend shares: the option's check, each
+replica's (or device's) slice, the batch's logged loss from its slices',
+and the ``"auto"`` search for the largest slice that fits.
+
+Example:
+    >>> check_micro_batch_size(64), check_micro_batch_size(None)
+    (64, None)
+    >>> slice_plan(batch=100, size=32)  # 3 full slices, then a ragged 4
+    (3, 4)
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+from keras import ops
+
+from accumulate.window import counts
+
+#: ``micro_batch_size="auto"``: the largest slice that fits, searched on the
+#: accelerator before training starts.
+AUTO = "auto"
+
+logger = logging.getLogger("accumulate")
+
+
+def check_micro_batch_size(value: Any) -> int | str | None:
+    """``value`` if it is a valid ``micro_batch_size``, else `ValueError`.
+
+    Valid: ``None`` (the batch is not split), a positive int, ``"auto"``.
+    """
+    if value is None or value == AUTO:
+        return value
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if is_int and value >= 1:
+        return int(value)
+    raise ValueError(
+        "`micro_batch_size` must be a positive int (the samples of each "
+        'slice of a batch), "auto" (the largest that fits on the '
+        "accelerator) or None (no slicing); received "
+        f"micro_batch_size={value!r}."
+    )
+
+
+def share(micro_batch_size: int, parts: int, what: str) -> int:
+    """Each of ``parts`` replicas' (or devices') share of a slice.
+
+    ``micro_batch_size`` is global, as `fit`'s ``batch_size`` is, and each
+    replica slices its own share of the batch: the share must be whole.
+    """
+    if micro_batch_size % parts:
+        raise ValueError(
+            f"micro_batch_size={micro_batch_size} is global (as fit's "
+            f"batch_size is) and is split over the {parts} {what} that share "
+            f"each batch, so it must be a multiple of {parts}: use "
+            f"micro_batch_size={max(parts, micro_batch_size // parts * parts)}."
+        )
+    return micro_batch_size // parts
+
+
+def slice_plan(batch: int, size: int) -> tuple[int, int]:
+    """``(full, remainder)``: the full slices of ``size`` in ``batch`` and
+    the samples of the ragged last slice (0: none)."""
+    return batch // size, batch % size
+
+
+def loss_totals() -> tuple[Any, Any, Any]:
+    """Empty running totals for `add_loss`: ``(loss sum, weight sum, any)``."""
+    return ops.zeros((), "float32"), ops.zeros((), "float32"), ops.zeros((), "bool")
+
+
+def add_loss(
+    totals: tuple[Any, Any, Any], loss: Any, weight: Any, summed: bool
+) -> tuple[Any, Any, Any]:
+    """The totals with one slice's loss and weight added (see `batch_loss`).
+
+    ``weight`` may hold one weight per device (their shares' losses in
+    ``loss``). A slice that does not count (`window.counts`) adds nothing:
+    selected, never multiplied (its loss may be NaN).
+    """
+    loss_sum, weight_sum, any_counted = totals
+    loss = ops.cast(loss, "float32")
+    weight = ops.cast(weight, "float32")
+    counted = counts(weight)
+    added = loss if summed else loss * weight
+    return (
+        loss_sum + ops.sum(ops.where(counted, added, 0.0)),
+        weight_sum + ops.sum(ops.where(counted, weight, 0.0)),
+        ops.logical_or(any_counted, ops.any(counted)),
+    )
+
+
+def batch_loss(totals: tuple[Any, Any, Any], fallback: Any, summed: bool) -> Any:
+    """The batch's loss from its slices', as one step on the batch logs it.
+
+    A mean reduction's slices ``S_k / D_k + R`` weighted by ``D_k`` give
+    ``Σ S_k / Σ D_k + R``, the batch's loss; a sum's slices add up. With no
+    slice that counts (only padding), every slice's loss is the same
+    regularisation alone: ``fallback``, any one slice's.
+    """
+    loss_sum, weight_sum, any_counted = totals
+    if summed:
+        return ops.where(any_counted, loss_sum, ops.cast(fallback, "float32"))
+    divisor = ops.where(any_counted, weight_sum, 1.0)
+    return ops.where(any_counted, loss_sum / divisor, ops.cast(fallback, "float32"))
+
+
+def largest_fitting(
+    fits: Callable[[int], None],
+    batch_size: int,
+    is_out_of_memory: Callable[[BaseException], bool],
+) -> int:
+    """The largest slice, from ``batch_size`` down by halving, that fits.
+
+    ``fits(size)`` runs one slice's forward and backward pass and raises
+    what the backend raises when memory runs out (``is_out_of_memory``
+    tells it from other errors, which propagate). The halving follows
+    Composer's ``device_train_microbatch_size="auto"``.
+
+    Example:
+        >>> def fits(size):
+        ...     if size > 48:
+        ...         raise MemoryError(f"{size} does not fit")
+        >>> largest_fitting(fits, 512, lambda error: isinstance(error, MemoryError))
+        32
+    """
+    size = batch_size
+    while True:
+        try:
+            fits(size)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            if size == 1:
+                raise MemoryError(
+                    'micro_batch_size="auto" found that not even one sample '
+                    "fits in the accelerator's memory: its forward and "
+                    "backward pass ran out of memory. Free memory, or use a "
+                    "smaller model."
+                ) from error
+            logger.info("micro-batch of %d ran out of memory; halving", size)
+            size = max(1, size // 2)
+            continue
+        return size
