@@ -24,11 +24,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import keras
 from keras import ops
 
 from accumulate.window import counts
@@ -158,3 +160,51 @@ def largest_fitting(
             size = max(1, size // 2)
             continue
         return size
+
+
+def first_batch(x: Any, y: Any, sample_weight: Any, batch_size: int | None) -> tuple:
+    """The first batch `fit` would train on, as ``(x, y, sample_weight)``.
+
+    Arrays (and nests of them) give their first ``batch_size`` rows (Keras's
+    default of 32 when it is not given); a `tf.data.Dataset`, a
+    `keras.utils.PyDataset` or another re-iterable source gives its first
+    element. A one-shot iterator (a generator) cannot be read without
+    taking its batch from training, so it is refused.
+    """
+    if isinstance(x, keras.utils.PyDataset):
+        return keras.utils.unpack_x_y_sample_weight(x[0])
+    first = keras.tree.flatten(x)[0] if x is not None else None
+    if hasattr(first, "shape") and hasattr(first, "__getitem__"):
+        rows = 32 if batch_size is None else batch_size
+        return keras.tree.map_structure(
+            lambda array: None if array is None else array[:rows],
+            (x, y, sample_weight),
+        )
+    iterator = iter(x)
+    if iterator is x:
+        raise ValueError(
+            'micro_batch_size="auto" tries slices of the first batch before '
+            "training, and fit's x is a one-shot iterator: reading it would "
+            "take that batch from training. Pass a tf.data.Dataset, a "
+            "keras.utils.PyDataset or arrays, or give micro_batch_size an int."
+        )
+    return keras.utils.unpack_x_y_sample_weight(next(iterator))
+
+
+def rows(data: Any, count: int) -> Any:
+    """The first ``count`` rows of every array of ``data``."""
+    return keras.tree.map_structure(
+        lambda array: None if array is None else array[:count], data
+    )
+
+
+@contextlib.contextmanager
+def preserved(variables: Sequence[Any]) -> Iterator[None]:
+    """Puts ``variables`` back as they were (a trial step's state changes:
+    moving statistics, seed generators, loss trackers)."""
+    values = [variable.numpy() for variable in variables]
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)

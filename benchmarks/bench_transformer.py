@@ -41,17 +41,29 @@ QUICK_MICRO_BATCH, QUICK_STEPS = 4, 4
 BASELINE = "plain"
 
 
-def variants(steps: int) -> dict[str, dict[str, Any]]:
+# Variants fed the whole window as one batch (fit's batch_size = N x b).
+WHOLE = "whole_window_batches"
+
+
+def variants(steps: int, micro_batch: int) -> dict[str, dict[str, Any]]:
+    window = steps * micro_batch
     return {
         BASELINE: {},
         f"ours-{steps}": {"accumulation_steps": steps},
         "ours-epoch": {"accumulation_steps": "epoch"},
         f"keras-{steps}": {"keras_accumulation": steps},
+        # micro_batch_size: the window as one fit batch, split in the step
+        # (N ways), or not at all (a slice as big as the batch), against
+        # plain fit on the same batches.
+        f"plain-{window}": {WHOLE: True},
+        f"sliced-{steps}x{micro_batch}": {WHOLE: True, "micro_batch_size": micro_batch},
+        f"sliced-{window}": {WHOLE: True, "micro_batch_size": window},
     }
 
 
 def build(options: dict[str, Any], size: transformer.Size, seed: int) -> keras.Model:
     options = dict(options)
+    options.pop(WHOLE, None)
     keras_steps = options.pop("keras_accumulation", None)
     model = transformer.causal_lm(size, seed=seed)
     if options:
@@ -85,21 +97,25 @@ def main() -> None:
     # One window of N micro-batches per epoch (so "epoch" is the same window,
     # applied by fit's epoch-end flush instead of in the step).
     data = transformer.token_data(size, micro_batch * steps)
-    table = variants(steps)
+    table = variants(steps, micro_batch)
+
+    def batch(name: str) -> int:
+        return micro_batch * steps if table[name].get(WHOLE) else micro_batch
+
     models = {
         name: [build(options, size, seed=0) for _ in range(args.instances)]
         for name, options in table.items()
     }
     for name, instances in models.items():
         for model in instances:
-            epoch_seconds(model, data, micro_batch)  # traces and compiles
+            epoch_seconds(model, data, batch(name))  # traces and compiles
         print(f"warmed up {name}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in table}
     cpu_times: dict[str, list[float]] = {name: [] for name in table}
     for round_ in range(args.rounds):
         for name, instances in models.items():
             wall, cpu = epoch_seconds(
-                instances[round_ % args.instances], data, micro_batch
+                instances[round_ % args.instances], data, batch(name)
             )
             times[name].append(wall)
             cpu_times[name].append(cpu)
@@ -121,8 +137,16 @@ def main() -> None:
         }
 
     parameters, trainable = transformer.parameter_count(models[BASELINE][0])
+    window = micro_batch * steps
     pairs = [(name, BASELINE) for name in table if name != BASELINE]
     pairs += [(name, f"keras-{steps}") for name in table if name.startswith("ours")]
+    # micro_batch_size: unsplit against plain on the same batch; split N
+    # ways against our N micro-batches of b (the same samples per update).
+    pairs += [
+        (f"sliced-{window}", f"plain-{window}"),
+        (f"sliced-{steps}x{micro_batch}", f"plain-{window}"),
+        (f"sliced-{steps}x{micro_batch}", f"ours-{steps}"),
+    ]
     ratios = {f"{n} / {reference}": paired(n, reference) for n, reference in pairs}
     report = {
         "meta": {

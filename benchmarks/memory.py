@@ -6,7 +6,8 @@ paper's MLP) and each backend, every variant trains in a fresh process, so
 that no peak is shared: plain `fit` at batch b, 2b, ... B; ours at N = 2,
 4, 8 micro-batches of b and in ``"epoch"`` mode; Keras's built-in
 (``gradient_accumulation_steps``) at 8 x b; and, on the transformer, LoRA
-fine-tuning plain and ours.
+fine-tuning plain and ours, and ``micro_batch_size=b`` with `fit` asking for
+batches of B and of 64 x b (512 sequences), split inside the step.
 
 Measured per variant: the peak memory that `fit` adds over what the process
 held with the model built and the data loaded (resident memory on CPU:
@@ -47,6 +48,8 @@ QUICK_SETTINGS = {"transformer": (4, 4), "mlp": (16, 4)}
 # Samples per epoch: two windows of N micro-batches (so that "epoch" holds
 # twice what N does), except on the MLP, which trains on all of MNIST.
 MLP_SAMPLES, QUICK_SAMPLES = 60000, 512
+# The biggest batch asked of micro_batch_size, in micro-batches.
+SLICES_OF_BIG_BATCH = 64
 
 
 def variants(
@@ -89,6 +92,19 @@ def variants(
         }
     )
     if model == "transformer":
+        # micro_batch_size: fit asks for the window as one batch (and for a
+        # batch 64 micro-batches big: 512 sequences of the full model, whose
+        # plain step would need about 56 GB), split into slices of b in the
+        # step.
+        for batch in (micro_batch * steps, micro_batch * SLICES_OF_BIG_BATCH):
+            rows.append(
+                {
+                    "name": f"sliced-{batch}/{micro_batch}",
+                    "kind": "sliced",
+                    "batch": batch,
+                    "micro_batch_size": micro_batch,
+                }
+            )
         rows.append(
             {
                 "name": f"plain-{micro_batch}-lora",
@@ -203,7 +219,9 @@ def _model_and_data(row: dict[str, Any], quick: bool, data_dir: str | None):
     if row["model"] == "transformer":
         size = transformer.SIZES["quick" if quick else "full"]
         model = transformer.causal_lm(size, lora=row.get("lora", False))
-        x, y, weight = transformer.token_data(size, 2 * steps * micro_batch)
+        x, y, weight = transformer.token_data(
+            size, max(2 * steps * micro_batch, row["batch"])
+        )
         model = transformer.compiled(model, keras_accumulation=builtin)
     else:
         keras.utils.set_random_seed(42)
@@ -216,6 +234,8 @@ def _model_and_data(row: dict[str, Any], quick: bool, data_dir: str | None):
         )
     if row["kind"] == "ours":
         model = enable_accumulation(model, accumulation_steps=row["steps"])
+    if row["kind"] == "sliced":
+        model = enable_accumulation(model, micro_batch_size=row["micro_batch_size"])
     return model, (x, y, weight)
 
 
@@ -355,7 +375,7 @@ def limits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for run in results:
         if run["kind"] == "plain":
             continue
-        floor = _plain_run(results, run, run["batch"])
+        floor = _plain_run(results, run, run.get("micro_batch_size", run["batch"]))
         big = _plain_run(results, run, run["effective_batch"])
         if floor is None:
             continue
@@ -413,6 +433,7 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
         "plain": ("#4c72b0", "o-", "plain fit at batch B"),
         "ours": ("#dd8452", "s-", "ours, N micro-batches of b"),
         "builtin": ("#8172b3", "^", "Keras built-in, N x b"),
+        "sliced": ("#55a868", "D-", "ours, batch B in slices of b"),
     }
     for row, model in enumerate(models):
         for column, backend in enumerate(backends):

@@ -41,7 +41,7 @@ def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, y, weights
 
 
-def build(reduction: str) -> accumulate.AccumulatingModel:
+def build(reduction: str, **options: Any) -> accumulate.AccumulatingModel:
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(
         8,
@@ -50,7 +50,8 @@ def build(reduction: str) -> accumulate.AccumulatingModel:
         name="hidden",
     )(inputs)
     outputs = keras.layers.Dense(CLASSES, name="logits")(hidden)
-    model = accumulate.AccumulatingModel(inputs, outputs, accumulation_steps=STEPS)
+    options.setdefault("accumulation_steps", STEPS)
+    model = accumulate.AccumulatingModel(inputs, outputs, **options)
     compile_model(model, reduction)
     return model
 
@@ -177,12 +178,41 @@ def run(out_path: str) -> None:
                     run_result["placements"] = placements(model)
                     run_result["plain_collectives"] = plain_collectives(initial, batch)
             results[f"{name}/{reduction}"] = run_result
+        results[f"{name}/sliced"] = sliced_run(initial, (x, y, weights))
         if distribution is not None:
             results[f"{name}/dropout"] = dropout_draws()
             results[f"{name}/noise_scale"] = noise_scale_run(x, y)
     keras.distribution.set_distribution(None)
     with open(out_path, "w") as file:
         json.dump(results, file)
+
+
+def sliced_run(initial: list, data: tuple) -> dict[str, Any]:
+    """Batches of STEPS x BATCH, each split into slices of BATCH inside the
+    step: the windows of the unsplit run (`micro_batch_size`), with each
+    device slicing its own rows."""
+    x, y, weights = data
+    model = build(LOSSES[1], accumulation_steps=1, micro_batch_size=BATCH)
+    model.set_weights(initial)
+    model.fit(
+        x,
+        y,
+        sample_weight=weights,
+        batch_size=STEPS * BATCH,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+    )
+    batch = (x[: STEPS * BATCH], y[: STEPS * BATCH], weights[: STEPS * BATCH])
+    distribution = keras.distribution.distribution()
+    return {
+        "weights": [w.tolist() for w in model.get_weights()],
+        "iterations": int(model.optimizer.iterations),
+        "devices": model._accumulation.devices,
+        "collectives": collectives(
+            train_step_hlo(model, batch), devices_per_row(distribution)
+        ),
+    }
 
 
 def build_padded() -> accumulate.AccumulatingModel:

@@ -54,12 +54,18 @@ def _worker(replicas: int, out_path: str) -> None:  # pragma: no cover - subproc
     x = rng.normal(size=(n, 5)).astype("float32")
     y = rng.integers(0, 3, size=n)
 
-    def build(steps, optimizer, **compile_kwargs):
+    def build(steps, optimizer, micro_batch_size=None, **compile_kwargs):
         keras.utils.set_random_seed(1)
         inputs = keras.Input((5,))
         hidden = keras.layers.Dense(8, activation="tanh")(inputs)
         outputs = keras.layers.Dense(3, dtype="float32")(hidden)
-        model = AccumulatingModel(inputs, outputs, accumulation_steps=steps, name="acc")
+        model = AccumulatingModel(
+            inputs,
+            outputs,
+            accumulation_steps=steps,
+            micro_batch_size=micro_batch_size,
+            name="acc",
+        )
         compile_kwargs = dict(compile_kwargs)
         reduction = compile_kwargs.pop("reduction", "sum_over_batch_size")
         model.compile(
@@ -102,6 +108,14 @@ def _worker(replicas: int, out_path: str) -> None:  # pragma: no cover - subproc
         "steps=4 adam+global_clipnorm": (4, 2, adam_clipped, {}),
         # Keras divides a mean loss by the replicas, not a sum.
         "steps=3 sgd reduction=sum": (3, 2, sgd, {"reduction": "sum"}),
+        # Each replica slices its share of the batch of 8 (2 or 1 samples per
+        # slice), against one device's unsplit step.
+        "micro_batch_size=4 steps=1 adam+global_clipnorm": (
+            1,
+            2,
+            adam_clipped,
+            {"micro_batch_size": 4},
+        ),
     }
     strategies = dict.fromkeys(scenarios, mirrored)
     if replicas == 2:
@@ -114,7 +128,8 @@ def _worker(replicas: int, out_path: str) -> None:  # pragma: no cover - subproc
         scenarios[name] = (3, 2, sgd, {"jit_compile": True})
         strategies[name] = tf.distribute.MirroredStrategy(["/cpu:0"])
     for name, (steps, epochs, optimizer, compile_kwargs) in scenarios.items():
-        reference = train(single, steps, epochs, optimizer, **compile_kwargs)
+        unsplit = {k: v for k, v in compile_kwargs.items() if k != "micro_batch_size"}
+        reference = train(single, steps, epochs, optimizer, **unsplit)
         distributed = train(
             strategies[name], steps, epochs, optimizer, **compile_kwargs
         )
@@ -291,6 +306,7 @@ def test_two_replicas_match_one_device(mirrored2):
     assert mirrored2["replicas"] == 2
     _assert_exact(mirrored2)
     assert any("jit_compile" in name for name in mirrored2["exact"])
+    assert any("micro_batch_size" in name for name in mirrored2["exact"])
 
 
 @pytest.mark.slow

@@ -145,6 +145,25 @@ def test_one_gradient_reduction_per_window(runs, distribution, record_property):
     assert not any(c["in_branch"] for c in plain + keras_builtin)
 
 
+@pytest.mark.parametrize("distribution", ["single", *DISTRIBUTIONS])
+def test_batches_split_on_each_device_give_the_unsplit_windows(runs, distribution):
+    """``micro_batch_size``: a batch of STEPS micro-batches, split inside the
+    step (each device slicing its own rows), makes the unsplit run's
+    updates, and still reduces gradients once per update."""
+    run = runs[f"{distribution}/sliced"]
+    unsplit = runs["single/mean_with_sample_weight"]
+    assert run["iterations"] == unsplit["iterations"]
+    for ours, oracle in zip(run["weights"], unsplit["weights"], strict=True):
+        np.testing.assert_allclose(ours, oracle, rtol=1e-5, atol=1e-6)
+    if distribution != "single":
+        # The slices' loss and weight (loop body, ragged rest): scalars.
+        assert _bytes(run["collectives"], in_branch=False) <= 2 * 8
+        applies = [
+            c for c in run["collectives"] if c["in_branch"] and c["across_batch"]
+        ]
+        assert [c["op"] for c in applies] == ["all-reduce"]
+
+
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_an_open_window_saves_as_one_sum(runs, distribution):
     saved = runs[f"{distribution}/sum_over_batch_size"]["saved"]

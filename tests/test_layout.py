@@ -147,6 +147,7 @@ def test_the_library_is_the_expected_modules():
         "accumulate.backends.variables",
         "accumulate.distributed",
         "accumulate.fit_callback",
+        "accumulate.micro_batches",
         "accumulate.model",
         "accumulate.noise_scale",
         "accumulate.schedule",

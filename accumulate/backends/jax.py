@@ -63,6 +63,41 @@ def assert_equal_counts(counts: list[Any], message: str, model: Any) -> None:
     jax.debug.callback(check, *counts)
 
 
+# Whether `probe` changes the model's state: no, it is stateless.
+PROBE_CHANGES_STATE = False
+
+
+def accelerator() -> str | None:
+    """The accelerator JAX runs on (``None``: CPU only)."""
+    device = jax.devices()[0]
+    return None if device.platform == "cpu" else device.device_kind
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def probe(model: Any, x: Any, y: Any, sample_weight: Any) -> None:
+    """One micro-batch's forward and backward pass, jitted as the step is
+    (statelessly: nothing changes); raises XLA's out-of-memory error if it
+    does not fit."""
+    places = model._window_places()
+
+    def gradients(values: tuple, x: Any, y: Any, sample_weight: Any) -> Any:
+        return model._gradients(*values, places, x, y, sample_weight)[1]
+
+    values = tuple(
+        [variable.value for variable in variables]
+        for variables in (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.metrics_variables,
+            model.optimizer.variables,
+        )
+    )
+    jax.block_until_ready(jax.jit(gradients)(values, x, y, sample_weight))
+
+
 # Added to a seed generator's seed on device d (times d): each device's
 # share of a micro-batch draws its own dropout masks, not device 0's.
 _SEED_STRIDE = 0x9E3779B1

@@ -19,6 +19,33 @@ from accumulate.accumulator import GradientAccumulator, NoiseScaleMeter
 
 # What the trainable-variables-changed error adds on this backend.
 AFTER_TRAINABLE_CHANGED = ""
+# Whether `probe` changes the model's state (the caller restores it).
+PROBE_CHANGES_STATE = True
+
+
+def accelerator() -> str | None:
+    """The accelerator TensorFlow runs on (``None``: CPU only)."""
+    for kind in ("GPU", "TPU"):
+        devices = tf.config.list_logical_devices(kind)
+        if devices:
+            return devices[0].name
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, tf.errors.ResourceExhaustedError)
+
+
+def probe(model: Any, x: Any, y: Any, sample_weight: Any) -> None:
+    """One micro-batch's forward and backward pass, compiled as the step is;
+    raises TensorFlow's out-of-memory error if it does not fit."""
+
+    def gradients(x: Any, y: Any, sample_weight: Any) -> Any:
+        return [g for g in model._gradients(x, y, sample_weight)[2] if g is not None]
+
+    function = tf.function(gradients, jit_compile=bool(model.jit_compile))
+    # Reading a value waits for the device.
+    float(tf.add_n([tf.reduce_sum(g) for g in function(x, y, sample_weight)]))
 
 
 def batch_size(x: Any) -> tf.Tensor:
@@ -163,6 +190,10 @@ class Accumulation:
         """
         data = (x, y, sample_weight)
         samples = batch_size(x)
+        # Known when tracing if the batch's shape is static: then a loop or
+        # a rest that cannot run is not traced (an empty rest's loss would
+        # have a static shape of 0).
+        static = next(t for t in tf.nest.flatten(x) if t is not None).shape[0]
         full = samples // size
         rest = samples - full * size
         summed = self._sums_window()
@@ -182,13 +213,17 @@ class Accumulation:
             return (index + 1, *fold(part, totals))
 
         totals = (*micro_batches.loss_totals(), tf.zeros((), tf.float32))
-        _, *totals = tf.while_loop(
-            lambda index, *_: index < full,
-            full_slice,
-            (tf.zeros((), samples.dtype), *totals),
-        )
-        last = _each(lambda tensor: tensor[full * size :], data)
-        totals = tf.cond(rest > 0, lambda: fold(last, totals), lambda: tuple(totals))
+        if static is None or static >= size:
+            _, *totals = tf.while_loop(
+                lambda index, *_: index < full,
+                full_slice,
+                (tf.zeros((), samples.dtype), *totals),
+            )
+        if static is None or static % size:
+            last = _each(lambda tensor: tensor[full * size :], data)
+            totals = tf.cond(
+                rest > 0, lambda: fold(last, totals), lambda: tuple(totals)
+            )
         state = self._accumulation
         state.count_micro_batch(samples)
         state.count_step(totals[2])
@@ -273,6 +308,10 @@ class Accumulation:
                 )
             return
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _state_variables(self) -> list[Any]:
+        # The window is tf.Variables of its own, in none of Keras's lists.
+        return []
 
     def _state_scope(self) -> Any:
         # Under a strategy the state is per replica: created in its scope.

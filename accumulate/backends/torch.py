@@ -21,6 +21,32 @@ from accumulate.backends.variables import VariableAccumulation
 
 # What the trainable-variables-changed error adds on this backend.
 AFTER_TRAINABLE_CHANGED = ""
+# Whether `probe` changes the model's state (the caller restores it).
+PROBE_CHANGES_STATE = True
+
+
+def accelerator() -> str | None:
+    """The accelerator PyTorch runs on, as Keras chooses it (``None``: CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    if torch.backends.mps.is_available():
+        return "mps"
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+def probe(model: Any, x: Any, y: Any, sample_weight: Any) -> None:
+    """One micro-batch's forward and backward pass; raises PyTorch's
+    out-of-memory error if it does not fit."""
+    try:
+        model._gradients(x, y, sample_weight)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    finally:
+        model.zero_grad()
 
 
 def batch_size(x: Any) -> int:
@@ -89,7 +115,9 @@ class Accumulation(VariableAccumulation):
         totals = micro_batches.loss_totals()
         for start in range(0, batch_size(x), size):
             part = keras.tree.map_structure(
-                lambda tensor, start=start: tensor[start : start + size],
+                lambda tensor, start=start: (
+                    None if tensor is None else tensor[start : start + size]
+                ),
                 (x, y, sample_weight),
             )
             loss, y_pred, weight, gradients, scale = self._gradients(*part)
