@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The transformer's memory and speed benchmarks on an accelerator, on JAX and
-# PyTorch, from token ids; writes results/gpu/ (or --out DIR).
+# PyTorch, from token ids, and micro_batch_size="auto" searching for real;
+# writes results/gpu/ (or --out DIR).
 #
-#   bash benchmarks/gpu_check.sh            # on the accelerator machine, < 8 min
+#   bash benchmarks/gpu_check.sh            # on the accelerator machine, < 10 min
 #   bash benchmarks/gpu_check.sh --quick    # smoke test (tiny model), any machine
 #
 # That machine's python3 has CUDA builds of jax and torch but no TensorFlow,
@@ -61,6 +62,12 @@ PYTHON
 for backend in jax torch; do
     KERAS_BACKEND="$backend" timeout 150 "$PYTHON" benchmarks/bench_transformer.py \
         --out "$OUT/$backend" "${ROUNDS[@]}" "${QUICK[@]}"
+done
+# micro_batch_size="auto": the largest slice of a 4,096-sequence batch that
+# fits, found by fit before it trains (one process per backend).
+for backend in jax torch; do
+    KERAS_BACKEND="$backend" timeout 240 "$PYTHON" benchmarks/auto_micro_batch.py \
+        --out "$OUT/$backend" "${QUICK[@]}"
 done
 # Memory: one process per variant; the points between b and B are left out.
 timeout 270 "$PYTHON" benchmarks/memory.py --models transformer "${VARIANTS[@]}" \

@@ -79,3 +79,7 @@ def test_the_gpu_check_runs_quick(tmp_path: Path) -> None:
         assert speed["meta"]["backend"] == backend
         for ratio in speed["paired_ratios"].values():
             assert np.isfinite(ratio["wall"]) and ratio["cpu"] > 0
+        # No accelerator here: "auto" is refused with its remedy, not guessed.
+        auto = json.loads((out / backend / "auto-micro-batch.json").read_text())
+        assert auto["accelerator"] is None
+        assert "Give micro_batch_size an int" in auto["refused_on_cpu"]

@@ -218,6 +218,9 @@ class Accumulation:
                 lambda index, *_: index < full,
                 full_slice,
                 (tf.zeros((), samples.dtype), *totals),
+                # One slice at a time: overlapping iterations would hold
+                # several slices' activations at once.
+                parallel_iterations=1,
             )
         if static is None or static % size:
             last = _each(lambda tensor: tensor[full * size :], data)
