@@ -208,3 +208,67 @@ def preserved(variables: Sequence[Any]) -> Iterator[None]:
     finally:
         for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
+
+
+def search(model: Any, fit_arguments: dict[str, Any], backend: Any) -> int:
+    """``micro_batch_size="auto"``: the largest slice of `fit`'s first batch
+    whose forward and backward pass fits on the accelerator.
+
+    The optimizer's and the window's state are built first, so that their
+    memory is held during the trials, as it will be in training
+    (`largest_fitting`). ``backend`` is the model's glue module: its
+    ``accelerator()``, ``probe(model, x, y, sample_weight)`` (one trial
+    pass), ``is_out_of_memory(error)`` and ``PROBE_CHANGES_STATE``. The
+    choice is logged, and printed unless `fit` is silent.
+    """
+    where = backend.accelerator()
+    if where is None:
+        raise ValueError(
+            'micro_batch_size="auto" finds the largest slice that fits in '
+            "an accelerator's memory by trying slices until one does not "
+            f"run out of it, and this process has none (Keras backend "
+            f"{keras.backend.backend()!r} on CPU), where running out of "
+            "memory is not an error to catch but the machine swapping. "
+            "Give micro_batch_size an int: the samples whose activations "
+            "fit in the memory you can spare."
+        )
+    strategy = getattr(model, "distribute_strategy", None)  # TensorFlow's
+    if (
+        keras.distribution.distribution() is not None
+        or getattr(strategy, "num_replicas_in_sync", 1) > 1
+    ):
+        raise ValueError(
+            'micro_batch_size="auto" tries slices on one device; under a '
+            "distribution, give micro_batch_size an int (global, as "
+            "batch_size is)."
+        )
+    batch = first_batch(
+        fit_arguments.get("x"),
+        fit_arguments.get("y"),
+        fit_arguments.get("sample_weight"),
+        fit_arguments.get("batch_size"),
+    )
+    if getattr(model, "preprocessor", None) is not None:
+        # A KerasHub task's fit preprocesses its raw inputs first.
+        batch = keras.utils.unpack_x_y_sample_weight(model.preprocess_samples(*batch))
+    if not model.built:
+        model(rows(batch[0], 1))
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model._build_accumulation_state()
+    changed = model._probed_state() if backend.PROBE_CHANGES_STATE else []
+
+    def fits(size: int) -> None:
+        with preserved(changed):
+            backend.probe(model, *rows(batch, size))
+
+    samples = int(backend.batch_size(batch[0]))
+    size = largest_fitting(fits, samples, backend.is_out_of_memory)
+    message = (
+        f'micro_batch_size="auto": slices of {size} samples fit on {where} '
+        f"(tried from the batch of {samples}, halving)."
+    )
+    logger.info(message)
+    if fit_arguments.get("verbose", "auto") != 0:
+        print(message)
+    return size

@@ -544,72 +544,17 @@ class AccumulatingModel(_backend.Accumulation, keras.Model):
             self._fitting = False
 
     def _find_micro_batch_size(self, args: tuple, kwargs: dict) -> None:
-        """``micro_batch_size="auto"``: the largest slice of `fit`'s first
-        batch whose forward and backward pass fits on the accelerator, with
-        the optimizer's and the window's state in memory
-        (`micro_batches.largest_fitting`)."""
-        fit_arguments = inspect.signature(super().fit).bind_partial(*args, **kwargs)
-        arguments = fit_arguments.arguments
-        where = _backend.accelerator()
-        if where is None:
-            raise ValueError(
-                'micro_batch_size="auto" finds the largest slice that fits in '
-                "an accelerator's memory by trying slices until one does not "
-                f"run out of it, and this process has none (Keras backend "
-                f"{keras.backend.backend()!r} on CPU), where running out of "
-                "memory is not an error to catch but the machine swapping. "
-                "Give micro_batch_size an int: the samples whose activations "
-                "fit in the memory you can spare."
-            )
-        strategy = getattr(self, "distribute_strategy", None)  # TensorFlow's
-        distributed = (
-            keras.distribution.distribution() is not None
-            or getattr(strategy, "num_replicas_in_sync", 1) > 1
+        """``micro_batch_size="auto"``: `micro_batches.search` on the batch
+        this `fit` call trains on first."""
+        arguments = inspect.signature(super().fit).bind_partial(*args, **kwargs)
+        self._found_micro_batch_size = micro_batches.search(
+            self, arguments.arguments, _backend
         )
-        if distributed:
-            raise ValueError(
-                'micro_batch_size="auto" tries slices on one device; under a '
-                "distribution, give micro_batch_size an int (global, as "
-                "batch_size is)."
-            )
-        batch = micro_batches.first_batch(
-            arguments.get("x"),
-            arguments.get("y"),
-            arguments.get("sample_weight"),
-            arguments.get("batch_size"),
-        )
-        if getattr(self, "preprocessor", None) is not None:
-            # A KerasHub task's fit preprocesses its raw inputs first.
-            batch = keras.utils.unpack_x_y_sample_weight(
-                self.preprocess_samples(*batch)
-            )
-        if not self.built:
-            self(micro_batches.rows(batch[0], 1))
-        if not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
-        self._build_accumulation_state()
-        samples = int(_backend.batch_size(batch[0]))
-
-        def fits(size: int) -> None:
-            with micro_batches.preserved(self._probed_state()):
-                _backend.probe(self, *micro_batches.rows(batch, size))
-
-        size = micro_batches.largest_fitting(fits, samples, _backend.is_out_of_memory)
-        self._found_micro_batch_size = size
-        message = (
-            f'micro_batch_size="auto": slices of {size} samples fit on {where} '
-            f"(tried from the batch of {samples}, halving)."
-        )
-        micro_batches.logger.info(message)
-        if arguments.get("verbose", "auto") != 0:
-            print(message)
 
     def _probed_state(self) -> list[Any]:
         """What a trial step changes on a stateful backend (moving statistics,
-        seed generators, loss trackers): not the window, which it leaves
-        alone."""
-        if not _backend.PROBE_CHANGES_STATE:
-            return []
+        seed generators, loss trackers), not the window, which it leaves
+        alone (`micro_batches.search`)."""
         window_ids = {id(variable) for variable in self._state_variables()}
         return [
             variable
