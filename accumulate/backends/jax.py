@@ -389,6 +389,32 @@ class Accumulation(VariableAccumulation):
         non_trainable[places[count]] = samples
         return non_trainable
 
+    def _added_micro_batch(
+        self,
+        state: tuple,
+        places: list[int],
+        scale: Any,
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+    ) -> tuple:
+        """``(loss, y_pred, non_trainable, metrics, weight)`` with one
+        micro-batch's gradients added to the window in ``non_trainable``."""
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        aux, gradients = self._gradients(
+            trainable,
+            non_trainable,
+            metrics_values,
+            optimizer_values,
+            places,
+            x,
+            y,
+            sample_weight,
+        )
+        loss, y_pred, non_trainable, metrics_values, weight = aux
+        non_trainable = self._fold_in(non_trainable, places, gradients, weight, scale)
+        return loss, y_pred, non_trainable, metrics_values, weight
+
     def train_step(self, state: tuple, data: Any) -> tuple[dict, tuple]:
         trainable, non_trainable, optimizer_values, metrics_values = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -400,18 +426,9 @@ class Accumulation(VariableAccumulation):
         size = self._slice_size(batch_size(x), devices, "devices")
         if size is not None:
             return self._sliced_step(state, places, scale, size, x, y, sample_weight)
-        aux, gradients = self._gradients(
-            trainable,
-            non_trainable,
-            metrics_values,
-            optimizer_values,
-            places,
-            x,
-            y,
-            sample_weight,
+        unscaled_loss, y_pred, non_trainable, metrics_values, weight = (
+            self._added_micro_batch(state, places, scale, x, y, sample_weight)
         )
-        unscaled_loss, y_pred, non_trainable, metrics_values, weight = aux
-        non_trainable = self._fold_in(non_trainable, places, gradients, weight, scale)
         trainable, non_trainable, optimizer_values = self._count_and_apply(
             trainable,
             non_trainable,
@@ -452,19 +469,15 @@ class Accumulation(VariableAccumulation):
         def fold(part: tuple, carry: tuple) -> tuple:
             non_trainable, metrics_values, totals, _ = carry
             x, y, sample_weight = part
-            aux, gradients = self._gradients(
-                trainable,
-                non_trainable,
-                metrics_values,
-                optimizer_values,
-                places,
-                x,
-                y,
-                sample_weight,
-            )
-            loss, y_pred, non_trainable, metrics_values, weight = aux
-            non_trainable = self._fold_in(
-                non_trainable, places, gradients, weight, scale
+            loss, y_pred, non_trainable, metrics_values, weight = (
+                self._added_micro_batch(
+                    (trainable, non_trainable, optimizer_values, metrics_values),
+                    places,
+                    scale,
+                    x,
+                    y,
+                    sample_weight,
+                )
             )
             metrics_values = self._metrics_updated(
                 metrics_values,
