@@ -359,3 +359,79 @@ def test_torch_slices_are_views_of_the_batch(monkeypatch):
     ours.train_on_batch(batch, y, sample_weight=weights)
     assert len(storages) == 5
     assert set(storages) == {batch.untyped_storage().data_ptr()}
+
+
+# -- Memory: the batch's step in a slice's memory ------------------------------
+
+# Per-token Dense layers over long sequences: activations (512 KB a sample)
+# dwarf the weights (66k parameters), so peak memory follows the batch.
+TOKENS, WIDTH, MEMORY_BATCH, MEMORY_SLICE = 256, 512, 512, 32
+_MEMORY_CHILD = """
+import json, sys
+import keras, numpy as np
+from accumulate import AccumulatingModel
+from benchmarks.memory import PeakMemory
+
+batch, micro_batch_size = json.loads(sys.argv[1])
+keras.utils.set_random_seed(0)
+inputs = keras.Input(({tokens}, 64))
+hidden = keras.layers.Dense({width}, activation="relu")(inputs)
+hidden = keras.layers.Dense({width}, activation="relu")(hidden)
+model = AccumulatingModel(
+    inputs, keras.layers.Dense(8)(hidden), micro_batch_size=micro_batch_size
+)
+model.compile(optimizer="sgd", loss="mse")
+# One batch: the whole batch, or one slice's worth.
+x = np.random.default_rng(0).normal(size=(batch, {tokens}, 64)).astype("float32")
+y = np.zeros((batch, {tokens}, 8), "float32")
+memory = PeakMemory(keras.backend.backend())
+memory.start()
+model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+print(json.dumps([memory.peak_added(), int(model.optimizer.iterations)]))
+"""
+
+
+def _peak_added(batch: int, micro_batch_size: int | None) -> tuple[int, int]:
+    """The peak memory one `fit` epoch adds, in a process of its own."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = _MEMORY_CHILD.format(tokens=TOKENS, width=WIDTH)
+    completed = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([batch, micro_batch_size])],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={
+            **__import__("os").environ,
+            "PYTHONPATH": str(root),
+            # glibc raises its mmap threshold as big blocks are freed, and
+            # then serves slice after slice from a fragmenting heap: on
+            # PyTorch (CPU) resident memory then grows by 200 MB that no
+            # tensor holds. A fixed threshold returns freed blocks, so the
+            # peak measures what is alive.
+            "MALLOC_MMAP_THRESHOLD_": "131072",
+        },
+        timeout=300,
+        check=True,
+    )
+    peak, updates = json.loads(completed.stdout.strip().splitlines()[-1])
+    return peak, updates
+
+
+@pytest.mark.slow
+def test_a_split_batch_takes_a_slice_s_memory_not_the_batch_s():
+    mb = 2**20
+    whole, whole_updates = _peak_added(MEMORY_BATCH, None)
+    split, split_updates = _peak_added(MEMORY_BATCH, MEMORY_SLICE)
+    one_slice, _ = _peak_added(MEMORY_SLICE, None)
+    assert whole_updates == split_updates == 1
+    # The batch's activations are 256 MB a layer; a slice's, 16 MB.
+    assert whole > 600 * mb
+    assert split < whole / 4
+    # What plain fit at the slice's size takes, and not much more: the
+    # accumulators are 0.26 MB here, the rest is the allocators' noise.
+    assert split < one_slice + 64 * mb, (split / mb, one_slice / mb, whole / mb)

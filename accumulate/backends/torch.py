@@ -120,14 +120,21 @@ class Accumulation(VariableAccumulation):
                 ),
                 (x, y, sample_weight),
             )
-            loss, y_pred, weight, gradients, scale = self._gradients(*part)
-            self._fold_in(gradients, weight, scale, count_step=False)
-            self.compute_metrics(*part[:2], y_pred, sample_weight=part[2])
-            totals = micro_batches.add_loss(totals, loss, weight, summed)
+            totals, loss = self._add_slice(part, totals, summed)
         self._count_batch(totals[2])
         loss = micro_batches.batch_loss(totals, loss, summed)
         self._loss_tracker.update_state(loss, sample_weight=batch_size(x))
         return self.get_metrics_result()
+
+    def _add_slice(self, part: tuple, totals: tuple, summed: bool) -> tuple:
+        """One slice added; returns the loss totals and its loss. A function
+        of its own so that the slice's predictions (a language model's
+        logits) are freed before the next slice's forward pass."""
+        x, y, sample_weight = part
+        loss, y_pred, weight, gradients, scale = self._gradients(x, y, sample_weight)
+        self._fold_in(gradients, weight, scale, count_step=False)
+        self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return micro_batches.add_loss(totals, loss, weight, summed), loss
 
     @torch.compiler.disable
     @torch.no_grad()
