@@ -123,6 +123,10 @@ def _skipping(model: keras.Model, train_function: Any, count: int) -> Any:
         if backend == "jax":
             # The state passes through untouched; no metric moved.
             return {}, args[0]
+        if not all(getattr(metric, "built", True) for metric in model.metrics):
+            # Compiled metrics are built by the first step that trains, and a
+            # resumed run's skipped batches come before it.
+            return {}
         return model.get_metrics_result()
 
     return skip_then_train

@@ -236,6 +236,35 @@ def test_enabled_models_split_and_keep_the_option(tmp_path):
     )
 
 
+def test_backup_and_restore_counts_updates_and_resumes_exactly(tmp_path):
+    # save_freq counts fit steps, which are whole split batches; the crash
+    # lands inside a window of 2 batches, which resumes where it was.
+    from tests.test_conformance import CrashAt, SimulatedCrashError
+
+    x, y, weights = random_data(72, FEATURES, CLASSES)
+    options = {"micro_batch_size": 5, "accumulation_steps": 2}
+    _, uninterrupted = _twins("sum_over_batch_size", **options)
+    initial = uninterrupted.get_weights()
+    _fit(uninterrupted, (x, y, weights), 12, epochs=3)
+
+    def fresh():
+        model = _twins("sum_over_batch_size", **options)[1]
+        model.set_weights(initial)
+        return model
+
+    def backup():
+        return keras.callbacks.BackupAndRestore(str(tmp_path), save_freq=3)
+
+    with pytest.raises(SimulatedCrashError):
+        _fit(
+            fresh(), (x, y, weights), 12, epochs=3, callbacks=[backup(), CrashAt(1, 3)]
+        )
+    resumed = fresh()
+    _fit(resumed, (x, y, weights), 12, epochs=3, callbacks=[backup()])
+    assert max_difference(resumed, uninterrupted) < TOLERANCE
+    assert int(resumed.optimizer.iterations) == int(uninterrupted.optimizer.iterations)
+
+
 @pytest.mark.parametrize("value", [0, -4, 2.5, True, "big", "Auto"])
 def test_bad_sizes_are_refused_by_name(value):
     with pytest.raises(
