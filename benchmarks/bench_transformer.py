@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="timed epochs a variant")
     parser.add_argument("--instances", type=int, default=2, help="models a variant")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model")
+    parser.add_argument(
+        "--only", default="", help="comma-separated variant names (default: all)"
+    )
     args = parser.parse_args()
     size = transformer.SIZES["quick" if args.quick else "full"]
     micro_batch, steps = (
@@ -98,6 +101,8 @@ def main() -> None:
     # applied by fit's epoch-end flush instead of in the step).
     data = transformer.token_data(size, micro_batch * steps)
     table = variants(steps, micro_batch)
+    if args.only:
+        table = {name: table[name] for name in args.only.split(",")}
 
     def batch(name: str) -> int:
         return micro_batch * steps if table[name].get(WHOLE) else micro_batch
@@ -136,7 +141,7 @@ def main() -> None:
             for clock, seconds in (("wall", times), ("cpu", cpu_times))
         }
 
-    parameters, trainable = transformer.parameter_count(models[BASELINE][0])
+    parameters, trainable = transformer.parameter_count(next(iter(models.values()))[0])
     window = micro_batch * steps
     pairs = [(name, BASELINE) for name in table if name != BASELINE]
     pairs += [(name, f"keras-{steps}") for name in table if name.startswith("ours")]
@@ -147,6 +152,7 @@ def main() -> None:
         (f"sliced-{steps}x{micro_batch}", f"plain-{window}"),
         (f"sliced-{steps}x{micro_batch}", f"ours-{steps}"),
     ]
+    pairs = [pair for pair in pairs if set(pair) <= set(table)]
     ratios = {f"{n} / {reference}": paired(n, reference) for n, reference in pairs}
     report = {
         "meta": {

@@ -79,6 +79,10 @@ def test_the_gpu_check_runs_quick(tmp_path: Path) -> None:
         assert speed["meta"]["backend"] == backend
         for ratio in speed["paired_ratios"].values():
             assert np.isfinite(ratio["wall"]) and ratio["cpu"] > 0
+        # micro_batch_size against plain on the same batch and against ours.
+        assert {"sliced-16 / plain-16", "sliced-4x4 / ours-4"} <= set(
+            speed["paired_ratios"]
+        )
         # No accelerator here: "auto" is refused with its remedy, not guessed.
         auto = json.loads((out / backend / "auto-micro-batch.json").read_text())
         assert auto["accelerator"] is None
