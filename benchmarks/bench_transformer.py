@@ -6,7 +6,9 @@ per-op overhead. Here a micro-batch is seconds of real work (8 sequences of
 pays: our window of N micro-batches and one apply against N plain steps of
 the micro-batch (``x plain`` below 1 means the window is cheaper: one
 optimizer update instead of N), in ``"epoch"`` mode, and against Keras's
-built-in accumulation at the same N.
+built-in accumulation at the same N; and ``micro_batch_size``: the window as
+one `fit` batch, unsplit (against plain `fit` on that batch) and split into
+slices of b inside the step (against our N micro-batches of b).
 
 In one process, like `bench.py`: each variant's models are warmed up (one
 epoch, tracing and compiling), then rounds of one epoch per variant in turn;

@@ -273,6 +273,14 @@ def test_bad_sizes_are_refused_by_name(value):
         AccumulatingModel(*_layers(), micro_batch_size=value)
 
 
+def test_a_slice_that_does_not_divide_over_replicas_names_one_that_does():
+    with pytest.raises(ValueError, match="multiple of 4: use micro_batch_size=8"):
+        micro_batches.share(10, 4, "devices")
+    assert micro_batches.share(8, 4, "devices") == 2
+    with pytest.raises(ValueError, match="use micro_batch_size=4"):
+        micro_batches.share(3, 4, "replicas")
+
+
 def test_auto_on_cpu_says_to_give_an_int_and_that_works():
     x, y, weights = random_data(32, FEATURES, CLASSES)
     _, ours = _twins("sum_over_batch_size", micro_batch_size="auto")
