@@ -121,7 +121,7 @@ class GradientAccumulator(tf.Module):
         noise_meter: NoiseScaleMeter | None = None,
         summed: bool = False,
         count_step: bool = True,
-    ) -> tf.Tensor:
+    ) -> None:
         """Folds one micro-batch in: ``weight * gradient`` and its weight.
 
         Args:
@@ -139,8 +139,6 @@ class GradientAccumulator(tf.Module):
             count_step: count the micro-batch as one of the window's steps
                 (``False`` for a slice of a batch: the caller counts the
                 batch once, `accumulate.micro_batches`).
-
-        Returns whether the micro-batch counts (a boolean tensor).
 
         A micro-batch of weight 0 (no samples, or only padding) adds nothing
         and is not counted as a step of the window, so it can neither
@@ -175,7 +173,6 @@ class GradientAccumulator(tf.Module):
         tf.cond(counts, add_micro_batch, _do_nothing)
         if count_step:
             self.count_step(counts)
-        return counts
 
     def count_step(self, counts: tf.Tensor) -> None:
         """Counts one step of the window if ``counts`` (a boolean tensor)."""
