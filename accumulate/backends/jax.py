@@ -158,22 +158,6 @@ def _combined(old: Any, per_device: Any, additive: bool) -> Any:
     return per_device[0]
 
 
-def _micro_batch_loss(losses: Any, weights: Any, summed: bool) -> Any:
-    """The micro-batch's loss from its devices' shares', as one device would
-    log it: their sum, or their mean weighted as the window weighs them
-    (the first share's when none counts: every share's is then the same
-    regularisation alone)."""
-    counted = window.counts(weights)
-    total = jnp.sum(jnp.where(counted, losses * (1.0 if summed else weights), 0.0))
-    if summed:
-        return total
-    total_weight = jnp.sum(jnp.where(counted, weights, 0.0))
-    any_counted = total_weight != 0
-    return jnp.where(
-        any_counted, total / jnp.where(any_counted, total_weight, 1.0), losses[0]
-    )
-
-
 class Accumulation(VariableAccumulation):
     """The JAX half of `AccumulatingModel` (mixed in before keras.Model)."""
 
@@ -297,7 +281,13 @@ class Accumulation(VariableAccumulation):
             non_trainable[i] = _combined(non_trainable[i], per_device, additive=False)
         for j, per_device in zip(updated_metrics, new_metrics, strict=True):
             metrics_values[j] = _combined(metrics_values[j], per_device, additive=True)
-        loss = _micro_batch_loss(losses, weights, self._sums_window())
+        # The micro-batch's loss from its devices' shares', as one device
+        # would log it: weighed as the window weighs them, as slices are.
+        summed = self._sums_window()
+        totals = micro_batches.add_loss(
+            micro_batches.loss_totals(), losses, weights, summed
+        )
+        loss = micro_batches.batch_loss(totals, losses[0], summed)
         y_pred = jax.tree_util.tree_map(_joined, y_pred)
         return (loss, y_pred, non_trainable, metrics_values, weights), gradients
 
