@@ -1,4 +1,7 @@
-"""The batch-size study: its bookkeeping on synthetic histories, and --quick."""
+"""The batch-size study: its plan and bookkeeping on synthetic histories, and --quick.
+
+The analysis on hand-made records is `tests/test_study_analysis.py`.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +11,28 @@ import math
 
 import pytest
 
-from accumulate.paper import study, study_report
-from accumulate.paper.study import (
-    EPOCH,
-    best_run,
-    crossing,
-    edge_extension,
-    learning_rate_grid,
-    noise_scale_window,
-    to_target,
-)
-from accumulate.paper.study_report import (
+from accumulate.paper import study, study_runner
+from accumulate.paper.study_analysis import (
     bend,
     fit_critical_batch,
     scaling_efficiencies,
+)
+from accumulate.paper.study_plan import (
+    ADAPTIVE,
+    EPOCH,
+    OPTIMIZERS,
+    WINDOWS,
+    StudySettings,
+    learning_rate_grid,
+    noise_scale_window,
+    plan,
+)
+from accumulate.paper.study_records import (
+    best_run,
+    crossing,
+    edge_extension,
+    load_runs,
+    to_target,
 )
 
 
@@ -92,8 +103,8 @@ def test_noise_scale_window_rounds_clips_and_handles_bad_measurements():
 
 
 def test_learning_rate_grids_are_factor_two_ladders_growing_with_the_batch():
-    for optimizer in study.OPTIMIZERS:
-        grids = [learning_rate_grid(w, optimizer, 5, 118) for w in study.WINDOWS]
+    for optimizer in OPTIMIZERS:
+        grids = [learning_rate_grid(w, optimizer, 5, 118) for w in WINDOWS]
         for grid in grids:
             assert len(grid) == 5
             assert all(b / a == 2 for a, b in itertools.pairwise(grid))
@@ -146,10 +157,10 @@ def test_edge_extension_goes_beyond_the_edge_holding_the_best_rate():
 def test_quick_study_writes_runs_figures_and_report(tmp_path):
     assert study.main(["--quick", "--out", str(tmp_path), "--jobs", "2"]) == 0
     summary = json.loads((tmp_path / "study.json").read_text())
-    planned = study.plan(study.StudySettings.quick_settings())
+    planned = plan(StudySettings.quick_settings())
     assert not summary["not_run"]
     assert len(summary["runs"]) == len(planned)
-    records = study_report.load_runs(tmp_path)
+    records = load_runs(tmp_path)
     assert {r["name"] for r in records} == {spec.name for spec in planned}
     for record in records:
         history = record["history"]
@@ -172,10 +183,10 @@ def test_quick_study_writes_runs_figures_and_report(tmp_path):
             assert record["stopped"] == "target" and first == epochs
             assert record["to_target"]["epochs"] == first
             assert record["to_target"]["updates"] == history["cumulative_updates"][-1]
-        if record["spec"]["window"] not in (1, study.ADAPTIVE):
+        if record["spec"]["window"] not in (1, ADAPTIVE):
             # N >= 2 measures the noise scale every epoch.
             assert len(history["gradient_noise_scale"]) == epochs
-    adaptive = [r for r in records if r["spec"]["arm"] == study.ADAPTIVE]
+    adaptive = [r for r in records if r["spec"]["arm"] == ADAPTIVE]
     assert adaptive and all(
         r["history"]["accumulation_steps"][0] == 2 for r in adaptive
     )
@@ -195,12 +206,12 @@ def test_quick_study_writes_runs_figures_and_report(tmp_path):
 
 
 def test_a_continued_study_keeps_the_earlier_invocations(tmp_path):
-    settings = study.StudySettings.quick_settings()
+    settings = StudySettings.quick_settings()
     first = {"command": "c", "started_at": "t0", "wall_seconds": 60.0}
     (tmp_path / "study.json").write_text(
         json.dumps({"settings": settings.to_dict(), **first})
     )
-    assert study._previous_invocations(tmp_path, settings) == [first]
-    other = study.StudySettings.full()
-    assert study._previous_invocations(tmp_path, other) == []
-    assert study._previous_invocations(tmp_path / "missing", settings) == []
+    assert study_runner._previous_invocations(tmp_path, settings) == [first]
+    other = StudySettings.full()
+    assert study_runner._previous_invocations(tmp_path, other) == []
+    assert study_runner._previous_invocations(tmp_path / "missing", settings) == []

@@ -377,7 +377,11 @@ def _print_reference_comparison(
     records: Sequence[RunRecord], out: Path, reference: Path
 ) -> None:
     """One line per run: how far it is from the reference run of the same name."""
-    from accumulate.paper.report import compare_with_reference, reference_path
+    from accumulate.paper.reference_comparison import (
+        compare_with_reference,
+        reference_path,
+    )
+    from accumulate.paper.reproduction_text import comparison_summary
 
     if _same_directory(out, reference):
         return
@@ -390,7 +394,7 @@ def _print_reference_comparison(
             print(f"  {record.config.label}: no reference run ({path} is missing)")
             continue
         comparison = compare_with_reference(load_result(record.path), path)
-        print(f"  {record.config.label}: {comparison.summary}")
+        print(f"  {record.config.label}: {comparison_summary(comparison)}")
     sys.stdout.flush()
 
 

@@ -31,7 +31,7 @@ import os
 import platform
 import queue
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +53,7 @@ from accumulate.paper.results import (
     save_result,
 )
 from accumulate.paper.training import JIT_COMPILE, prepare_data, train_twin
+from accumulate.paper.workers import spawn_pool, use_one_thread
 from accumulate.twins import make_twins
 
 __all__ = [
@@ -226,17 +227,10 @@ def _run_in_workers(
     jobs: int,
     progress: ProgressSink | None,
 ) -> list[RunRecord]:
-    # Spawned, not forked: a forked child would inherit this process's
-    # TensorFlow runtime (and its threads) in an undefined state.
-    context = multiprocessing.get_context("spawn")
-    events = context.Queue()
+    # The queue comes from the same (spawn) context as the pool's workers.
+    events = multiprocessing.get_context("spawn").Queue()
     records = []
-    with ProcessPoolExecutor(
-        max_workers=jobs,
-        mp_context=context,
-        initializer=_start_worker,
-        initargs=(events,),
-    ) as pool:
+    with spawn_pool(jobs, _start_worker, events) as pool:
         submitted: dict[Future[RunRecord], tuple[ExperimentConfig, Path]] = {
             pool.submit(_run_in_worker, config, path): (config, path)
             for config, path in to_run
@@ -272,9 +266,7 @@ def _start_worker(events: Any) -> None:
     """Runs first in each worker: one thread each, progress to the parent."""
     global _worker_events
     _worker_events = events
-    # Must happen before TensorFlow's runtime starts, i.e. before any op.
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    use_one_thread()
 
 
 def _run_in_worker(config: ExperimentConfig, path: Path) -> RunRecord:

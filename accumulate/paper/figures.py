@@ -16,7 +16,13 @@ from matplotlib.figure import Figure
 
 from accumulate.paper.reference import MODELS
 
-__all__ = ["plot_confusion", "plot_curves", "plot_updates"]
+__all__ = [
+    "epoch_numbers",
+    "plot_confusion",
+    "plot_curves",
+    "plot_updates",
+    "save_figure",
+]
 
 _TITLES = {"standard": "Standard", "accumulating": "Accumulation"}
 # One colour per (model, split), in the notebook's plotting order.
@@ -29,13 +35,15 @@ _COLOURS = {
 _SPLIT_NAMES = {"train": "training", "val": "validation"}
 
 
-def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+def save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    """Writes ``figure`` as the reports' figures are: 120 dpi, tight box."""
     path = Path(path)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
 
-def _epochs(values: Sequence[float]) -> np.ndarray:
+def epoch_numbers(values: Sequence[Any]) -> np.ndarray:
+    """1, 2, ... one per value: the x axis of a per-epoch curve."""
     return np.arange(1, len(values) + 1)
 
 
@@ -61,12 +69,14 @@ def plot_curves(
                 colour = _COLOURS[model, split]
                 label = f"{_TITLES[model]} - {_SPLIT_NAMES[split]}"
                 main = runs[0][model][key]
-                axis.plot(_epochs(main), main, color=colour, label=f"{label} (ours)")
+                axis.plot(
+                    epoch_numbers(main), main, color=colour, label=f"{label} (ours)"
+                )
                 if len(runs) > 1:
                     length = min(len(run[model][key]) for run in runs)
                     stacked = np.array([run[model][key][:length] for run in runs])
                     axis.fill_between(
-                        _epochs(stacked[0]),
+                        epoch_numbers(stacked[0]),
                         stacked.min(axis=0),
                         stacked.max(axis=0),
                         color=colour,
@@ -77,7 +87,7 @@ def plot_curves(
                 logged = reference[model][key][: len(main)]
                 if not np.isnan(logged).all():
                     axis.plot(
-                        _epochs(logged),
+                        epoch_numbers(logged),
                         logged,
                         color=colour,
                         linestyle="--",
@@ -91,7 +101,7 @@ def plot_curves(
         axis.legend(fontsize="small")
     band = f"; band: min-max over {len(runs)} seeds" if len(runs) > 1 else ""
     figure.suptitle(f"{title} (solid: ours, dashed: notebook{band})")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_updates(
@@ -123,7 +133,7 @@ def plot_updates(
         logged = reference[model]["train_loss"][:epochs_run]
         updates_per_epoch = run[model]["updates"] / epochs_run
         axis.plot(
-            _epochs(logged) * updates_per_epoch,
+            epoch_numbers(logged) * updates_per_epoch,
             logged,
             color=colour,
             linestyle="--",
@@ -136,7 +146,7 @@ def plot_updates(
     axis.set_title(f"{title}: training loss per update")
     axis.grid(alpha=0.3, which="both")
     axis.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_confusion(
@@ -174,4 +184,4 @@ def plot_confusion(
         axis.set_xlabel("Predicted label")
         axis.set_ylabel("True label")
     figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)

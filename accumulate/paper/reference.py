@@ -31,9 +31,10 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["DATASETS", "METRICS", "MODELS", "load_reference"]
+__all__ = ["DATASETS", "DATASET_TITLES", "METRICS", "MODELS", "load_reference"]
 
 DATASETS = ("mnist", "fashion_mnist")
+DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 MODELS = ("standard", "accumulating")
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 

@@ -38,6 +38,7 @@ __all__ = [
     "TrainingData",
     "make_optimizer",
     "prepare_data",
+    "scale_images",
     "train_twin",
     "weights_digest",
 ]
@@ -84,7 +85,8 @@ class TrainingData:
     batches_per_epoch: int
 
 
-def _scale(images: np.ndarray) -> np.ndarray:
+def scale_images(images: np.ndarray) -> np.ndarray:
+    """Pixels as the notebook scales them: ``images / 255`` as float32."""
     # The notebook's `images / 255.0` is float64; the model computes in
     # float32, so casting here gives the model the very same inputs.
     return (images / 255.0).astype(np.float32)
@@ -96,9 +98,9 @@ def prepare_data(config: ExperimentConfig) -> TrainingData:
         config.dataset, config.data_dir
     )
     train = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(_scale(train_images)), tf.constant(train_labels, tf.int32))
+        (tf.constant(scale_images(train_images)), tf.constant(train_labels, tf.int32))
     )
-    test_images_tensor = tf.constant(_scale(test_images))
+    test_images_tensor = tf.constant(scale_images(test_images))
     validation = tf.data.Dataset.from_tensors(
         (test_images_tensor, tf.constant(test_labels, tf.int32))
     )

@@ -7,11 +7,12 @@ import pytest
 
 from accumulate.paper.config import ExperimentConfig
 from accumulate.paper.reference import load_reference
-from accumulate.paper.report import (
-    build_report,
+from accumulate.paper.reference_comparison import (
     compare_with_reference,
     reference_path,
 )
+from accumulate.paper.report import build_report
+from accumulate.paper.reproduction_text import comparison_summary
 from accumulate.paper.results import load_result, result_path, save_result
 from tests.tiny_data import REPORT_FILES
 
@@ -131,13 +132,15 @@ def test_comparison_with_the_reference(fresh_and_reference):
     assert same.same_experiment and same.same_initial_weights
     assert same.largest_difference == 0
     assert same.same_predictions == {"standard": 50, "accumulating": 50}
-    assert same.summary.startswith("identical to the reference")
+    assert comparison_summary(same).startswith("identical to the reference")
     run = fresh / "mnist" / "history-seed1.json"
     shifted = compare_with_reference(
         load_result(run), reference_path(run, fresh, reference)
     )
     assert shifted.largest_difference == pytest.approx(0.002, abs=1e-9)
-    assert shifted.summary.startswith("largest difference from the reference 2.00e-03")
+    assert comparison_summary(shifted).startswith(
+        "largest difference from the reference 2.00e-03"
+    )
 
 
 def test_report_has_the_reference_section_only_when_asked(fresh_and_reference):
