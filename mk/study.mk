@@ -1,5 +1,5 @@
-# The batch-size study (issue 10), included from the Makefile (PY, STAMP and
-# the exported ACCUMULATE_DATA_DIR come from there).
+# The batch-size study ("when does one big step pay?"), included from the
+# Makefile (PY, STAMP and the exported ACCUMULATE_DATA_DIR come from there).
 #   make study         the full study into results/study (~40 min on 2 cores)
 #   make study-quick   smoke test of every arm into /tmp/accumulate-study-quick (~2 min)
 #   make study-report  rebuild results/study/report.md and figures from its runs

@@ -1,4 +1,4 @@
-"""Conformance suite (issue 8): `AccumulatingModel` against plain Keras, everywhere.
+"""Conformance suite: `AccumulatingModel` against plain Keras, everywhere.
 
 Every case is differential. The ORACLE is a plain `keras.Model` with the same
 initial weights and the same optimizer configuration that takes ONE real

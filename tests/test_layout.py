@@ -1,9 +1,12 @@
-"""The package's layout: the library stands without the paper application.
+"""The package's layout: the library stands without the paper application,
+nothing imports in a circle, and the paper's data flows one way.
 
 The library is `accumulate` without its `paper` subpackage (and without
 `__main__`, the command's entry point, which may import the paper's CLI).
 These tests read the sources with `ast`, so they see every import statement,
 including those inside functions, that an import-time check would miss.
+The paper's flow is drawn in docs/paper.md; `PAPER_FLOW` below is that
+drawing as a table.
 """
 
 from __future__ import annotations
@@ -95,10 +98,21 @@ def paper_imports(package: Path) -> dict[str, set[str]]:
     return found
 
 
-def import_cycle(package: Path) -> list[str] | None:
-    """A cycle of runtime imports among the library modules, or None."""
-    modules = library_modules(package)
-    graph = {
+def package_modules(package: Path) -> dict[str, Path]:
+    """Module name -> file, for every module of ``package``, the paper included."""
+    modules = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = ["accumulate", *path.relative_to(package).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def import_graph(package: Path) -> dict[str, list[str]]:
+    """Module -> the package's modules it imports at run time."""
+    modules = package_modules(package)
+    return {
         module: sorted(
             name
             for name in imported_modules(path.read_text(), module, runtime_only=True)
@@ -106,6 +120,11 @@ def import_cycle(package: Path) -> list[str] | None:
         )
         for module, path in modules.items()
     }
+
+
+def import_cycle(package: Path) -> list[str] | None:
+    """A cycle of runtime imports among all of ``package``'s modules, or None."""
+    graph = import_graph(package)
     state: dict[str, str] = {}  # "open" while on the stack, then "done"
     stack: list[str] = []
 
@@ -127,12 +146,77 @@ def import_cycle(package: Path) -> list[str] | None:
     return None
 
 
+# The paper application's one-way flow (docs/paper.md): what each module of
+# the study and of the reproduction report may import among them. Training
+# writes run files; reading them (records, analysis), drawing and writing
+# come after, and none of those imports the training modules; the text and
+# the figures format what the analysis computed, and the analysis imports
+# neither. A module not listed here is outside these two flows.
+_STUDY_READING = {"study_plan", "study_records"}
+_STUDY_ANALYSIS = {*_STUDY_READING, "study_analysis", "study_answers"}
+PAPER_FLOW: dict[str, set[str]] = {
+    "study_plan": set(),
+    "study_records": set(),
+    "study_run": {"study_plan", "study_records"},
+    "study_runner": {"study_plan", "study_records", "study_run"},
+    "study_analysis": _STUDY_READING,
+    "study_answers": {*_STUDY_READING, "study_analysis"},
+    "study_figures": _STUDY_ANALYSIS,
+    "study_text": _STUDY_ANALYSIS,
+    "study_report": {*_STUDY_ANALYSIS, "study_figures", "study_text"},
+    "study": {
+        *_STUDY_ANALYSIS,
+        "study_run",
+        "study_runner",
+        "study_figures",
+        "study_text",
+        "study_report",
+    },
+    "reproduction_analysis": set(),
+    "reference_comparison": set(),
+    "reproduction_text": {"reproduction_analysis", "reference_comparison"},
+    "report": {"reproduction_analysis", "reference_comparison", "reproduction_text"},
+}
+
+
+def flow_violations(package: Path) -> dict[str, set[str]]:
+    """Paper module -> the imports `PAPER_FLOW` does not allow it."""
+    prefix = f"{PAPER}."
+    graph = import_graph(package)
+    violations = {}
+    for module, allowed in PAPER_FLOW.items():
+        imported = {
+            name.removeprefix(prefix)
+            for name in graph.get(prefix + module, [])
+            if name.startswith(prefix)
+        }
+        if bad := (imported & set(PAPER_FLOW)) - allowed:
+            violations[module] = bad
+    return violations
+
+
 def test_library_imports_nothing_from_the_paper():
     assert paper_imports(PACKAGE) == {}
 
 
-def test_no_import_cycle_among_library_modules():
+def test_no_import_cycle_anywhere_in_the_package():
+    assert len(package_modules(PACKAGE)) > len(library_modules(PACKAGE))
     assert import_cycle(PACKAGE) is None
+
+
+def test_the_paper_flows_one_way():
+    assert set(PAPER_FLOW) <= {
+        name.removeprefix(f"{PAPER}.") for name in package_modules(PACKAGE)
+    }
+    assert flow_violations(PACKAGE) == {}
+
+
+def test_the_paper_modules_stay_short():
+    lengths = {
+        path.name: len(path.read_text().splitlines())
+        for path in (PACKAGE / "paper").glob("*.py")
+    }
+    assert {name: n for name, n in lengths.items() if n >= 500} == {}
 
 
 def test_the_library_is_the_expected_modules():
@@ -193,6 +277,45 @@ def test_cycle_check_catches_a_cycle_but_not_type_checking_imports(tmp_path):
         ["accumulate.model", "accumulate.fit_callback", "accumulate.model"],
         ["accumulate.fit_callback", "accumulate.model", "accumulate.fit_callback"],
     )
+
+
+def test_cycle_check_reaches_into_the_paper(tmp_path):
+    # The circle the study once had: the command imported the report, and the
+    # report the command, inside a function.
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "paper").mkdir()
+    (tmp_path / "paper" / "__init__.py").write_text("")
+    (tmp_path / "paper" / "study.py").write_text(
+        "def run():\n    from accumulate.paper import study_report\n"
+    )
+    (tmp_path / "paper" / "study_report.py").write_text(
+        "from accumulate.paper.study import EPOCH\n"
+    )
+    study, report = "accumulate.paper.study", "accumulate.paper.study_report"
+    assert import_cycle(tmp_path) in ([study, report, study], [report, study, report])
+
+
+@pytest.mark.parametrize(
+    ("module", "statement", "forbidden"),
+    [
+        # The analysis reads records: it may not train.
+        ("study_analysis", "from accumulate.paper import study_runner", "study_runner"),
+        # The text formats the analysis: the analysis may not import it.
+        ("study_answers", "from .study_text import number", "study_text"),
+        # Reading run files never needs the command.
+        ("study_records", "import accumulate.paper.study", "study"),
+        ("reproduction_analysis", "from accumulate.paper import report", "report"),
+    ],
+)
+def test_flow_check_catches_an_import_against_the_flow(
+    tmp_path, module, statement, forbidden
+):
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "paper").mkdir()
+    for name in ("__init__", *PAPER_FLOW):
+        (tmp_path / "paper" / f"{name}.py").write_text("")
+    (tmp_path / "paper" / f"{module}.py").write_text(f"def later():\n    {statement}\n")
+    assert flow_violations(tmp_path) == {module: {forbidden}}
 
 
 # -- Lazy loading -------------------------------------------------------------

@@ -33,6 +33,7 @@ from accumulate.paper.study_records import (
     median,
     noise_history,
     peak_accuracy,
+    select,
 )
 
 __all__ = [
@@ -114,14 +115,8 @@ class Point:
 def points(records: Sequence[Record], dataset: str, optimizer: str) -> list[Point]:
     """One `Point` per fixed window, in increasing window order."""
     groups: dict[Any, list[Record]] = {}
-    for record in records:
-        spec = record["spec"]
-        if (
-            spec["dataset"] == dataset
-            and spec["optimizer"] == optimizer
-            and spec["arm"] == "grid"
-        ):
-            groups.setdefault(spec["window"], []).append(record)
+    for record in select(records, dataset=dataset, optimizer=optimizer, arm="grid"):
+        groups.setdefault(record["spec"]["window"], []).append(record)
     return [
         Point(
             window=window,

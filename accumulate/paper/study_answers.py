@@ -34,6 +34,7 @@ from accumulate.paper.study_records import (
     best_run,
     closest_run,
     peak_accuracy,
+    select,
     steady_epoch_seconds,
     window_schedule,
 )
@@ -215,13 +216,7 @@ class AdaptiveArm:
 def adaptive_arm(
     records: Sequence[Record], dataset: str, optimizer: str, series: list[Point]
 ) -> AdaptiveArm:
-    tried = [
-        r
-        for r in records
-        if r["spec"]["dataset"] == dataset
-        and r["spec"]["optimizer"] == optimizer
-        and r["spec"]["arm"] == ADAPTIVE
-    ]
+    tried = select(records, dataset=dataset, optimizer=optimizer, arm=ADAPTIVE)
     best = best_run(tried)
     closest = best or (closest_run(tried) if tried else None)
     dominating, constant_window, peak_noise = [], None, None
@@ -361,12 +356,10 @@ class EpochCost:
 def epoch_cost(records: Sequence[Record], dataset: str) -> EpochCost | None:
     """``None`` with fewer than two windows timed."""
     by_window: dict[Any, list[float]] = {}
-    for record in records:
-        spec = record["spec"]
-        if spec["dataset"] == dataset and spec["arm"] == "grid":
-            by_window.setdefault(spec["window"], []).extend(
-                steady_epoch_seconds(record)
-            )
+    for record in select(records, dataset=dataset, arm="grid"):
+        by_window.setdefault(record["spec"]["window"], []).extend(
+            steady_epoch_seconds(record)
+        )
     medians = {w: float(np.median(v)) for w, v in by_window.items() if v}
     if len(medians) < 2:
         return None
@@ -402,19 +395,6 @@ class DatasetAnswers:
         return full[0].record if full else None
 
 
-def _paper_run(records: Sequence[Record], dataset: str, window: Any) -> Record | None:
-    return next(
-        (
-            r
-            for r in records
-            if r["spec"]["dataset"] == dataset
-            and r["spec"]["arm"] == "paper"
-            and r["spec"]["window"] == window
-        ),
-        None,
-    )
-
-
 def analyse(
     records: Sequence[Record], dataset: str, optimizers: Sequence[str], epochs: int
 ) -> DatasetAnswers | None:
@@ -423,8 +403,10 @@ def analyse(
     if not series:
         return None
     main = "sgd" if "sgd" in series else next(iter(series))
-    paper = _paper_run(records, dataset, EPOCH)
-    standard = _paper_run(records, dataset, 1)
+    paper = next(
+        iter(select(records, dataset=dataset, arm="paper", window=EPOCH)), None
+    )
+    standard = next(iter(select(records, dataset=dataset, arm="paper", window=1)), None)
     scalings = {o: scaling(s) for o, s in series.items()}
     noise = {o: noise_summary(s) for o, s in series.items()}
     return DatasetAnswers(

@@ -38,6 +38,7 @@ __all__ = [
     "median",
     "noise_history",
     "peak_accuracy",
+    "select",
     "steady_epoch_seconds",
     "to_target",
     "window_schedule",
@@ -53,6 +54,18 @@ def load_runs(out: str | os.PathLike[str]) -> list[Record]:
         json.loads(path.read_text(encoding="utf-8"))
         for path in sorted(root.glob("*/*/*.json"))
     ]
+
+
+def select(records: Iterable[Record], **spec: Any) -> list[Record]:
+    """The records whose spec has every given value.
+
+    Example:
+        >>> runs = [{"spec": {"arm": "grid", "window": 4}},
+        ...         {"spec": {"arm": "paper", "window": 4}}]
+        >>> select(runs, arm="paper", window=4) == runs[1:]
+        True
+    """
+    return [r for r in records if all(r["spec"][k] == v for k, v in spec.items())]
 
 
 # -- To target ---------------------------------------------------------------------
