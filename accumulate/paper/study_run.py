@@ -252,7 +252,7 @@ def run_one(spec: RunSpec) -> Record:
     return record
 
 
-def _environment() -> Record:
+def _environment() -> dict[str, Any]:
     import keras
     import tensorflow as tf
 

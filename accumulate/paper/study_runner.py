@@ -22,6 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from accumulate.paper.study_plan import (
     RunSpec,
@@ -84,7 +85,7 @@ def run_study(
     max_minutes: float | None = None,
     log: Callable[[str], None] = print,
     command: str | None = None,
-) -> Record:
+) -> dict[str, Any]:
     """Runs every planned run (and edge extensions); writes ``study.json``.
 
     Runs whose JSON already exists with the same spec are reused, so an
@@ -104,7 +105,7 @@ def run_study(
     extensions: dict[tuple[str, ...], int] = {}
     for spec in specs:
         pending_in_group[spec.group] = pending_in_group.get(spec.group, 0) + 1
-    not_run: list[Record] = []
+    not_run: list[dict[str, Any]] = []  # the specs left out
 
     def finished(spec: RunSpec, record: Record) -> RunSpec | None:
         key = str(spec.relative_path())
@@ -208,7 +209,7 @@ def run_study(
     return summary
 
 
-def _previous_invocations(out: Path, settings: StudySettings) -> list[Record]:
+def _previous_invocations(out: Path, settings: StudySettings) -> list[dict[str, Any]]:
     """The invocations recorded in ``out/study.json`` for the same settings."""
     try:
         previous = json.loads((out / "study.json").read_text(encoding="utf-8"))
