@@ -350,6 +350,18 @@ def test_cli_help_imports_no_tensorflow():
     assert loaded == []
 
 
+def test_the_reports_need_no_training_framework():
+    # Reading run files and writing reports imports neither TensorFlow nor
+    # Keras: the flow keeps the training modules out of it.
+    loaded = _fresh_interpreter(
+        "import json, sys\n"
+        "import accumulate.paper.report, accumulate.paper.study_report\n"
+        "print(json.dumps([name for name in ('tensorflow', 'keras', 'jax', 'torch')"
+        " if name in sys.modules]))\n"
+    )
+    assert loaded == []
+
+
 def test_python_m_accumulate_help_is_quiet(record_property):
     started = time.perf_counter()
     completed = subprocess.run(

@@ -480,6 +480,8 @@ def test_a_split_batch_takes_a_slice_s_memory_not_the_batch_s():
     assert split < whole / 4
     # What plain fit at the slice's size takes, plus the batch's inputs (x
     # and y, 38 MB, held whole by the step, and copied once by the data
-    # pipeline); the accumulators are 0.26 MB.
+    # pipeline); the accumulators are 0.26 MB. The slack is the allocator's
+    # and the runtime's noise between processes (up to 22 MB seen on 2
+    # cores), far below a quarter of one layer of the batch's activations.
     inputs = MEMORY_BATCH * TOKENS * (64 + 8) * 4
-    assert split < one_slice + 2 * inputs + 16 * mb, (split, one_slice, whole)
+    assert split < one_slice + 2 * inputs + 48 * mb, (split, one_slice, whole)

@@ -30,6 +30,7 @@ from accumulate.paper.results import load_result, result_config
 __all__ = [
     "NOTEBOOK",
     "REPORT_EPOCHS",
+    "Reference",
     "Run",
     "compared_runs",
     "epoch_rows",

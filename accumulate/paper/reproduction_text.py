@@ -11,8 +11,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from accumulate.paper.config import ExperimentConfig
 from accumulate.paper.markdown import MISSING, table
 from accumulate.paper.reference import DATASET_TITLES, METRICS, MODELS
@@ -22,6 +20,7 @@ from accumulate.paper.reference_comparison import (
 )
 from accumulate.paper.reproduction_analysis import (
     NOTEBOOK,
+    Reference,
     Run,
     epoch_rows,
     notebook_differences,
@@ -70,11 +69,14 @@ def report_markdown(
     dataset: str,
     runs: Sequence[Run],
     compared: Sequence[Run],
-    reference: dict[str, dict[str, np.ndarray]],
+    reference: Reference,
     reference_folder: Path | None = None,
 ) -> str:
-    """``report.md`` of one dataset; with ``reference_folder``, the comparison
-    with the reference runs there too."""
+    """One dataset's ``report.md``.
+
+    ``reference``: the notebook's logged curves; ``reference_folder``: the
+    reference runs to compare with (that section is left out when None).
+    """
     main = compared[0]
     seeds = ", ".join(str(run.config.seed) for run in compared)
     sections: list[list[str]] = [
@@ -119,9 +121,7 @@ def report_markdown(
     return "\n".join("\n".join(section) + "\n" for section in sections)
 
 
-def _comparison_section(
-    compared: Sequence[Run], reference: dict[str, dict[str, np.ndarray]]
-) -> list[str]:
+def _comparison_section(compared: Sequence[Run], reference: Reference) -> list[str]:
     main = compared[0]
     several = len(compared) > 1
     lines = [
@@ -166,9 +166,7 @@ def _mean_std(seeds: tuple[float, float, int] | None) -> str:
     return f"{mean:.4f} ± {std:.4f} (n={count})"
 
 
-def _optimizer_section(
-    runs: Sequence[Run], reference: dict[str, dict[str, np.ndarray]]
-) -> list[str]:
+def _optimizer_section(runs: Sequence[Run], reference: Reference) -> list[str]:
     fit = optimizer_fit(runs, reference)
     lines = [
         "## Which optimizer the notebook used",

@@ -99,6 +99,9 @@ class OneStepPerEpoch:
     epochs: int  # the budget
     fewest_epochs: Point | None  # of ``others``
     fewest_updates: Point | None
+    # Another window reached the target within the updates the budget gave
+    # one update per epoch.
+    fewer_updates_elsewhere: bool
     contests: list[Contest]  # where both reached the target
     equal_updates: EqualUpdates | None  # where the target cannot decide
     paper: Record | None  # one update per epoch at the paper's rate
@@ -106,12 +109,6 @@ class OneStepPerEpoch:
     paper_epochs: int | None  # epochs it ran
     standard: Record | None  # the standard twin at the paper's rate
     standard_accuracy: float | None
-
-    @property
-    def fewer_updates_elsewhere(self) -> bool:
-        """Another window reached the target within the budget's updates."""
-        assert self.fewest_updates is not None
-        return self.fewest_updates.measure("updates") <= self.full.budget_updates
 
 
 def one_step_per_epoch(
@@ -142,23 +139,21 @@ def one_step_per_epoch(
             )
             contests.append(Contest(key, mine, theirs, rival, resolution, verdict))
     fewest_updates = fewest(others, "updates")
-    equal_updates = None
-    # Where another window reached the target only after more updates than
-    # the budget gave one update per epoch, the target cannot decide.
-    if (
-        not full.reached
-        and fewest_updates is not None
-        and fewest_updates.measure("updates") > full.budget_updates
-    ):
-        equal_updates = _at_equal_updates(full, series)
+    fewer_elsewhere = fewest_updates is not None and (
+        fewest_updates.measure("updates") <= full.budget_updates
+    )
+    # Where the others reached the target only after more updates than the
+    # budget gave one update per epoch, the target cannot decide per update.
+    undecided = not full.reached and fewest_updates is not None and not fewer_elsewhere
     return OneStepPerEpoch(
         full=full,
         others=others,
         epochs=epochs,
         fewest_epochs=fewest(others, "epochs"),
         fewest_updates=fewest_updates,
+        fewer_updates_elsewhere=fewer_elsewhere,
         contests=contests,
-        equal_updates=equal_updates,
+        equal_updates=_at_equal_updates(full, series) if undecided else None,
         paper=paper,
         paper_accuracy=peak_accuracy(paper) if paper else None,
         paper_epochs=len(paper["history"]["epoch_seconds"]) if paper else None,
