@@ -15,9 +15,10 @@ pytest.importorskip("keras_hub")
 EXAMPLE = Path(__file__).parent.parent / "examples" / "fine_tune_causal_lm.py"
 
 
-# Once, in the TensorFlow suite: every backend's exactness on KerasHub tasks
-# is tests/test_enabling.py's.
+# Once, in the newest TensorFlow suite: every backend's and version's
+# exactness on KerasHub tasks is tests/test_enabling.py's.
 @pytest.mark.tensorflow_only
+@pytest.mark.tools
 @pytest.mark.slow
 def test_the_causal_lm_example_is_exact_where_keras_builtin_is_not():
     result = subprocess.run(

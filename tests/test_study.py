@@ -153,6 +153,9 @@ def test_edge_extension_goes_beyond_the_edge_holding_the_best_rate():
     assert edge_extension(bottom, 0) == 0.25
 
 
+# The study is a TensorFlow program (tf.data pipelines, one TensorFlow thread
+# per worker), as its committed results are: its suite is TensorFlow's.
+@pytest.mark.tensorflow_only
 @pytest.mark.slow
 def test_quick_study_writes_runs_figures_and_report(tmp_path):
     assert study.main(["--quick", "--out", str(tmp_path), "--jobs", "2"]) == 0

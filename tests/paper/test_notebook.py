@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "gradient_accumulation.ipynb"
 
 
+# `make notebook` runs it in .venv, on TensorFlow: its suite is TensorFlow's.
+# The reproduction it calls runs on every backend in tests/paper/test_cli.py.
+@pytest.mark.tensorflow_only
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("ACCUMULATE_DATA_DIR"),
