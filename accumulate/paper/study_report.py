@@ -320,10 +320,6 @@ def _window_table(scaling: Scaling) -> list[str]:
     return table(header, rows)
 
 
-def _span(low: float, high: float) -> str:
-    return f"{low:.3f}-{high:.3f}"
-
-
 def _timing_section(times: EpochTimes) -> list[str]:
     lines = [
         "## Time per epoch",

@@ -91,6 +91,7 @@ def number(value: float | None, digits: int = 3) -> str:
 
 
 def rates_text(rates: Any) -> str:
+    """Learning rates as prose: ``0.25, 0.5, 1``."""
     return ", ".join(f"{rate:g}" for rate in rates)
 
 
